@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medsr-installed
+
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Every tool tries to phone home and the network is closed: telemetry off everywhere.
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export BENTOML_DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv run test test-fast bench dag clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, by exact version: it takes the CPU build on disk (a range would pull CUDA).
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	dvc repro
+	medsr summary
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+bench: venv
+	$(PY) benchmarks/bench_data.py
+
+dag: venv
+	dvc dag
+
+clean:
+	rm -rf data metrics/*.json reports

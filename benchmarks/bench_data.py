@@ -1,0 +1,91 @@
+"""Data benchmark: seconds per data stage on the embedded sample, and images/s for loading and
+degrading. Runs in a scratch folder so the repository's own data/ is untouched.
+
+Writes benchmarks/results/data.json.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    from medsr import degradations as deg
+    from medsr.atomic import write_json
+    from medsr.data import MODALITIES
+    from medsr.data.loading import load_image
+    from medsr.data.sources.sample import fetch_sample
+    from medsr.params import load_params
+    from medsr.pipeline import degrade_stage, download_stage, split_stage, validate_stage
+
+    params = load_params(REPO / "params.yaml")
+    result: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                                "python": platform.python_version(), "torch_threads": torch.get_num_threads()}}
+    with tempfile.TemporaryDirectory() as scratch:
+        cwd = os.getcwd()
+        os.chdir(scratch)
+        try:
+            shutil.copy(REPO / "params.yaml", "params.yaml")
+            stages = {}
+            for name, func in (("download", download_stage), ("validate", validate_stage),
+                               ("split", split_stage), ("degrade", degrade_stage)):
+                start = time.perf_counter()
+                func(params)
+                stages[name] = round(time.perf_counter() - start, 3)
+            result["stage_seconds"] = stages
+
+            raw = Path("raw-bench")
+            files = []
+            for modality in MODALITIES:
+                files += [(p, modality) for p in fetch_sample(modality, raw / modality)]
+            data = params["data"]
+            start = time.perf_counter()
+            images = []
+            for path, modality in files:
+                images += load_image(path, modality, max_pixels=int(data["max_pixels"]), slice_step=int(data["volume_slice_step"]),
+                                     min_foreground_fraction=float(data["min_foreground_fraction"]))
+            seconds = time.perf_counter() - start
+            megapixels = sum(i.pixels.size for i in images) / 1e6
+            result["loading"] = {"files": len(files), "images": len(images), "seconds": round(seconds, 3),
+                                 "images_per_s": round(len(images) / seconds, 1), "megapixels_per_s": round(megapixels / seconds, 2)}
+
+            tiles = [np.load(p) for p in sorted(Path("data/interim/images").glob("*.npy"))]
+            cfg = params["degrade"]
+            for scale in cfg["scales"]:
+                rng = deg.rng_for(0, "bench")
+                start = time.perf_counter()
+                for tile in tiles:
+                    hr = deg.crop_to_multiple(tile, scale)
+                    deg.degrade_standard(hr, scale, blur_sigma=float(cfg["blur_sigma"]), noise_kind="poisson", noise_level=0.01, rng=rng)
+                standard = time.perf_counter() - start
+                start = time.perf_counter()
+                for tile in tiles:
+                    hr = deg.crop_to_multiple(tile, scale)
+                    deg.degrade_blind(hr, scale, blur_sigma=tuple(cfg["blind"]["blur_sigma"]),
+                                      resize_factor=tuple(cfg["blind"]["resize_factor"]), noise_level=tuple(cfg["blind"]["noise_level"]),
+                                      jpeg_quality=tuple(cfg["blind"]["jpeg_quality"]), rng=rng)
+                blind = time.perf_counter() - start
+                result.setdefault("degrading", {})[f"x{scale}"] = {
+                    "images": len(tiles),
+                    "standard_images_per_s": round(len(tiles) / standard, 1),
+                    "blind_images_per_s": round(len(tiles) / blind, 1),
+                }
+        finally:
+            os.chdir(cwd)
+    out = REPO / "benchmarks" / "results" / "data.json"
+    write_json(out, result)
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The ``medsr`` command line: every pipeline stage, plus the summary ``make run`` prints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MedSR: reproducible medical image super-resolution.")
+console = Console()
+err_console = Console(stderr=True)
+
+ParamsOption = typer.Option(Path("params.yaml"), "--params", help="Parameters file.")
+
+
+def run_stage(name: str, func: Callable[[dict[str, Any]], dict[str, Any]], params_path: Path) -> dict[str, Any]:
+    """Run one stage; a user-facing failure becomes one line on stderr and exit code 1."""
+    from medsr.data.sources.errors import SourceError
+    from medsr.params import ParamsError, load_params
+    from medsr.pipeline import StageFailed
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internals
+    try:
+        return func(load_params(params_path))
+    except (SourceError, ParamsError, StageFailed) as err:
+        err_console.print(f"[bold red]medsr {name}:[/] {err}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
+def stage_main(name: str) -> None:
+    """Entry point of ``stages/<name>.py``: the same as ``medsr <name>``."""
+    sys.argv = ["medsr", name, *sys.argv[1:]]
+    app()
+
+
+@app.command()
+def download(params: Path = ParamsOption) -> None:
+    """Fetch each modality's source (sample, kaggle, local) into data/raw and tabulate it."""
+    from medsr.pipeline import download_stage
+
+    summary = run_stage("download", download_stage, params)
+    console.print(f"download: {summary['images']} images from {summary['files']} files "
+                  f"({summary['load_errors']} could not be loaded)")
+
+
+@app.command()
+def validate(params: Path = ParamsOption) -> None:
+    """Run the Great Expectations suite and pixel checks; quarantine failures."""
+    from medsr.pipeline import validate_stage
+
+    summary = run_stage("validate", validate_stage, params)
+    console.print(f"validate: {summary['passed']} passed, {summary['quarantined']} quarantined")
+
+
+@app.command()
+def split(params: Path = ParamsOption) -> None:
+    """Split train/val/test by patient (or by region where a modality has too few patients)."""
+    from medsr.pipeline import split_stage
+
+    run_stage("split", split_stage, params)
+    console.print("split: written data/split")
+
+
+@app.command()
+def degrade(params: Path = ParamsOption) -> None:
+    """Generate the LR/HR (and VLR/LR) pair sets for every split and scale."""
+    from medsr.pipeline import degrade_stage
+
+    summary = run_stage("degrade", degrade_stage, params)
+    console.print(f"degrade: {summary['total_pairs']} pairs written")
+
+
+def _read_metrics(name: str) -> dict[str, Any]:
+    path = Path("metrics") / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@app.command()
+def summary() -> None:
+    """Print what the last pipeline run produced (read from metrics/)."""
+    from medsr.data import MODALITIES
+
+    download_m, validation, split_m, degrade_m = (_read_metrics(n) for n in ("download", "validation", "split", "degrade"))
+    if not download_m:
+        err_console.print("no pipeline output yet: run `dvc repro` (or `make run`) first")
+        raise typer.Exit(1)
+    table = Table(title="MedSR data: images per modality and split")
+    for column in ("modality", "source", "loaded", "passed", "train", "val", "test", "split by"):
+        table.add_column(column, justify="right" if column not in ("modality", "source", "split by") else "left")
+    for m in MODALITIES:
+        per_split = split_m.get("images", {}).get(m, {})
+        table.add_row(m, str(download_m.get("sources", {}).get(m, "-")), str(download_m["images_per_modality"].get(m, 0)),
+                      str(validation.get("passed_per_modality", {}).get(m, 0)),
+                      *(str(per_split.get(s, 0)) for s in ("train", "val", "test")),
+                      ", ".join(split_m.get("method", {}).get(m, [])))
+    console.print(table)
+    pairs = degrade_m.get("pairs", {})
+    if pairs:
+        pairs_table = Table(title=f"Pairs written: {degrade_m.get('total_pairs', 0)}")
+        pairs_table.add_column("split")
+        scale_kinds = sorted({(sc, k) for s in pairs.values() for sc, kinds in s.items() for k in kinds})
+        for sc, k in scale_kinds:
+            pairs_table.add_column(f"{sc} {k}", justify="right")
+        for split_name, scales in pairs.items():
+            pairs_table.add_row(split_name, *(str(scales.get(sc, {}).get(k, 0)) for sc, k in scale_kinds))
+        console.print(pairs_table)
+    quarantine = Path("data/validated/quarantine.csv")
+    if quarantine.is_file():
+        import pandas as pd
+
+        q = pd.read_csv(quarantine)
+        console.print(f"Quarantined: {q['id'].nunique()} image(s)" + (":" if len(q) else "."))
+        for row in q.drop_duplicates("id").itertuples():
+            console.print(f"  [{row.modality}] {row.reason}", highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    app()

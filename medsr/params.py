@@ -1,0 +1,37 @@
+"""Reading ``params.yaml``: the single source of every knob the stages and flows use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable, or lacks a key a stage needs."""
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the repository root or pass --params PATH")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err.__class__.__name__}); fix the syntax") from err
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return params
+
+
+def section(params: dict[str, Any], dotted: str) -> Any:
+    """``section(params, "data.split")``; a missing key names itself and the file."""
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ParamsError(f"params.yaml lacks `{dotted}` (missing `{part}`); see the README for the expected keys")
+        node = node[part]
+    return node

@@ -1,0 +1,172 @@
+"""MLflow tracking: every training run logs its params, curves, data version, git commit,
+a comparison figure and the generator itself.
+
+The default store is embedded (``mlflow.db`` and ``mlartifacts/`` in the repository, ignored by
+git); ``MLFLOW_TRACKING_URI`` points it at a server instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXPERIMENT = "medsr"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the embedded SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def configure(experiment: str = EXPERIMENT) -> str:
+    """Point mlflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        mlflow.set_experiment(experiment)
+        return found.experiment_id
+    # Artifacts beside the embedded database rather than MLflow's cwd-relative default.
+    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else str(Path("mlartifacts").resolve())
+    experiment_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+    mlflow.set_experiment(experiment)
+    return experiment_id
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """HEAD's commit, suffixed ``-dirty`` when tracked files changed; ``unknown`` outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_version(pairs_dir: Path = Path("data/pairs"), lock: Path = Path("dvc.lock")) -> str:
+    """DVC's hash of the pair sets (from dvc.lock); without a lock, a hash of their index files."""
+    if lock.is_file():
+        import yaml
+
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for out in stages.get("degrade", {}).get("outs", []):
+            if out.get("path") == pairs_dir.as_posix():
+                return f"dvc:{out.get('md5')}"
+    digest = hashlib.sha256()
+    for index in sorted(pairs_dir.rglob("index.json")):
+        digest.update(index.relative_to(pairs_dir).as_posix().encode())
+        digest.update(index.read_bytes())
+    return f"index:{digest.hexdigest()[:32]}"
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested params as MLflow's flat ``a.b.c`` keys (values stringified past its 6000-char limit)."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, list | tuple) else value
+            out[name] = str(text)[:6000] if isinstance(text, str) else text
+    return out
+
+
+def comparison_figure(lr: np.ndarray, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray, title: str) -> Any:
+    """LR | bicubic | model | HR, same size panels (LR shown with nearest-neighbour zoom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
+    for ax, image, name in zip(axes, (lr, bicubic, sr, hr), ("LR", "bicubic", "model", "HR"), strict=True):
+        ax.imshow(np.asarray(image)[0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+@contextlib.contextmanager
+def training_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[Any]:
+    """An MLflow run with params and tags logged; yields the active run."""
+    import mlflow
+
+    configure()
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.set_tags({"git_commit": git_commit(REPO_ROOT), "data_version": data_version(), **tags})
+        mlflow.log_params(flatten(params))
+        yield run
+
+
+WEIGHTS_FILE = "generator_state.pt"
+SPEC_FILE = "generator_spec.json"
+
+
+def log_generator(model: Any, example: np.ndarray, spec: Mapping[str, Any], name: str = "generator") -> str:
+    """Log the generator as an MLflow model; returns its model URI.
+
+    Besides MLflow's own (pickled) copy, the model folder carries the bare ``state_dict`` and the
+    architecture spec (``{"model", "scale", "options"}``) as extra files, so consumers rebuild the
+    network from ``medsr.models`` and load weights with ``torch.load(weights_only=True)``.
+    """
+    import tempfile
+
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / WEIGHTS_FILE
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        spec_path = Path(tmp) / SPEC_FILE
+        spec_path.write_text(json.dumps(dict(spec), sort_keys=True))
+        # pickle, not pt2: pt2 freezes the example's batch and spatial size.
+        info = mlflow.pytorch.log_model(
+            model, name=name, input_example=example, signature=infer_signature(example, output),
+            serialization_format="pickle", pip_requirements=["torch==2.13.0", "numpy"],
+            extra_files=[str(weights), str(spec_path)],
+        )
+    return str(info.model_uri)
+
+
+def load_logged_generator(model_uri: str, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Rebuild a generator logged by :func:`log_generator` (``models:/medsr-x4@champion`` etc.)."""
+    import tempfile
+
+    import mlflow
+    import torch
+
+    from medsr.models import build_generator
+
+    configure()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        spec_files = list(local.rglob(SPEC_FILE))
+        weight_files = list(local.rglob(WEIGHTS_FILE))
+        if not spec_files or not weight_files:
+            raise FileNotFoundError(f"{model_uri}: no {SPEC_FILE}/{WEIGHTS_FILE} in the logged model; log it with medsr.tracking.log_generator")
+        spec = json.loads(spec_files[0].read_text())
+        state = torch.load(weight_files[0], map_location=device, weights_only=True)
+    model = build_generator(spec["model"], int(spec["scale"]), **spec.get("options", {}))
+    model.load_state_dict(state)
+    return model.to(device).eval(), spec

@@ -1,0 +1,6 @@
+"""DVC stage `download`: a thin entry point over medsr.pipeline.download_stage (see dvc.yaml)."""
+
+from medsr.cli import stage_main
+
+if __name__ == "__main__":
+    stage_main("download")

@@ -1,0 +1,172 @@
+"""The data half end to end, on the real embedded sample: ingest, validate with bad files mixed
+in, split without leakage, degrade byte-identically; and the DVC pipeline itself."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+
+from medsr.data.ingest import TABLE_NAME, IngestOptions, ingest
+from medsr.data.pairing import build_pair_sets
+from medsr.data.pairs import PairSet
+from medsr.data.split import leaked_patients, split_table
+from medsr.data.validation import validate_table
+from medsr.params import load_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+PARAMS = load_params(REPO_ROOT / "params.yaml")
+
+
+def test_sample_ingest_has_every_modality(sample_interim: Path) -> None:
+    table = pd.read_parquet(sample_interim / TABLE_NAME)
+    assert table["error"].isna().all(), table["error"].dropna().tolist()
+    counts = table["modality"].value_counts()
+    assert counts["xray"] == 49  # 1955x1841 radiograph -> 7x7 tiles of 256
+    assert counts["ct"] >= 9 and counts["mri"] >= 20
+    assert table["id"].is_unique
+    # The patient key is a hash: no raw DICOM PatientID survives into the table.
+    raw_ids = {"9RG1", "0010", "1CT1", "5MR2"}
+    assert not raw_ids & set(table["patient_key"])
+    for row in table.sample(5, random_state=0).itertuples():
+        pixels = np.load(sample_interim / row.array)
+        assert pixels.dtype == np.float32 and pixels.shape == (1, row.height, row.width)
+        assert hashlib.sha256(pixels.tobytes()).hexdigest() == row.sha256
+
+
+def _bad_raw_folder(root: Path, sample_raw: Path) -> dict[str, str]:
+    """A raw tree with one good DICOM and one file per kind of bad input; returns name -> expected reason."""
+    ct = root / "ct"
+    ct.mkdir(parents=True)
+    good = sample_raw / "ct" / "CT_small.dcm"
+    shutil.copy(good, ct / "good.dcm")
+    (ct / "empty.dcm").write_bytes(b"")
+    (ct / "truncated.dcm").write_bytes(good.read_bytes()[:2000])
+    (ct / "notes.dcm").write_text("this is a text file with a DICOM name\n" * 20)
+    ds = pydicom.dcmread(good)
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7.8.9"
+    ds.save_as(ct / "unknown_syntax.dcm", enforce_file_format=True)
+    mri = root / "mri"
+    mri.mkdir()
+    volume = np.random.default_rng(0).random((80, 80, 3)).astype(np.float32)
+    volume[10, 10, 1] = np.nan
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), mri / "nan.nii.gz")
+    xray = root / "xray"
+    xray.mkdir()
+    Image.fromarray(np.full((128, 128), 77, np.uint8)).save(xray / "constant.png")
+    Image.fromarray((np.random.default_rng(1).random((32, 40)) * 255).astype(np.uint8)).save(xray / "tiny.png")
+    rng = np.random.default_rng(2)
+    Image.fromarray((rng.random((128, 128)) * 255).astype(np.uint8)).save(xray / "ok.png")
+    return {
+        "ct/empty.dcm": "empty",
+        "ct/truncated.dcm": "",
+        "ct/notes.dcm": "DICOM",
+        "ct/unknown_syntax.dcm": "1.2.3.4.5.6.7.8.9",
+        "mri/nan.nii.gz": "non-finite",
+        "xray/constant.png": "constant",
+        "xray/tiny.png": "height",
+    }
+
+
+def test_each_bad_input_is_quarantined_with_its_reason(tmp_path: Path, sample_raw: Path) -> None:
+    raw = tmp_path / "raw"
+    expected = _bad_raw_folder(raw, sample_raw)
+    table = ingest(raw, tmp_path / "interim", IngestOptions(tile_size=256, max_pixels=10_000_000), None)
+    result = validate_table(table, tmp_path / "interim", min_size=64)
+    reasons = result.quarantine.groupby("path")["reason"].apply(" | ".join).to_dict()
+    for path, fragment in expected.items():
+        assert path in reasons, f"{path} was not quarantined; quarantine: {reasons}"
+        assert path in reasons[path]  # the reason names the file
+        assert fragment.lower() in reasons[path].lower(), reasons[path]
+    # The good files went on: nothing else was lost.
+    assert set(result.passed["path"]) == {"ct/good.dcm", "xray/ok.png"}
+
+
+def test_split_and_degrade_on_the_sample(sample_interim: Path, tmp_path: Path) -> None:
+    table = pd.read_parquet(sample_interim / TABLE_NAME)
+    validated = validate_table(table, sample_interim, min_size=int(PARAMS["data"]["min_size"]))
+    assert validated.quarantined_fraction <= PARAMS["data"]["max_quarantine_fraction"], validated.quarantine
+    split = split_table(validated.passed, PARAMS["data"]["split"]["fractions"], seed=1)
+    assert leaked_patients(split) == []
+    for modality in ("xray", "ct", "mri"):
+        assert set(split.loc[split["modality"] == modality, "split"]) == {"train", "val", "test"}, modality
+
+    small = split.groupby(["modality", "split"]).head(2)  # a few per modality and split keep this quick
+    a = build_pair_sets(small, sample_interim, tmp_path / "a", PARAMS["degrade"])
+    b = build_pair_sets(small, sample_interim, tmp_path / "b", PARAMS["degrade"])
+    assert a == b
+
+    def digests(root: Path) -> dict[str, str]:
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert digests(tmp_path / "a") == digests(tmp_path / "b")  # byte-identical
+    changed = dict(PARAMS["degrade"], seed=int(PARAMS["degrade"]["seed"]) + 1)
+    build_pair_sets(small, sample_interim, tmp_path / "c", changed)
+    assert digests(tmp_path / "a")["test/x4/standard/lr.npy"] != digests(tmp_path / "c")["test/x4/standard/lr.npy"]
+
+    pairs = PairSet(tmp_path / "a" / "train" / "x4" / "standard")
+    lr, hr = pairs.patch(0, 8, np.random.default_rng(0))
+    assert lr.shape == (1, 8, 8) and hr.shape == (1, 32, 32)
+    ssl = PairSet(tmp_path / "a" / "train" / "x2" / "ssl")
+    assert ssl.hr(0).shape[-1] == 2 * ssl.lr(0).shape[-1]
+
+
+def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_then_is_a_noop_and_reruns_only_degrade(tmp_path: Path) -> None:
+    work = tmp_path / "repo"
+    shutil.copytree(REPO_ROOT, work, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "data", "reports", "mlruns", "*.db", "__pycache__", ".pytest_cache", "benchmarks"))
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    (work / "dvc.lock").unlink(missing_ok=True)
+    _dvc(["config", "--local", "core.site_cache_dir", str(tmp_path / "dvc-site")], work)
+
+    dag = _dvc(["dag"], work)
+    assert dag.returncode == 0, dag.stderr
+    for stage in ("download", "validate", "split", "degrade"):
+        assert stage in dag.stdout
+
+    first = _dvc(["repro"], work)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (work / "data/pairs/test/x4/standard/index.json").is_file()
+    assert (work / "reports/validation.html").is_file()
+
+    second = _dvc(["repro"], work)
+    assert second.returncode == 0, second.stderr
+    assert "Running stage" not in second.stdout, second.stdout
+
+    params = (work / "params.yaml").read_text().replace("blur_sigma: 0.6", "blur_sigma: 0.7", 1)
+    (work / "params.yaml").write_text(params)
+    dry = _dvc(["repro", "--dry"], work)
+    assert dry.returncode == 0, dry.stderr
+    ran = [line for line in dry.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'degrade':"], dry.stdout
+
+
+@pytest.mark.slow
+def test_missing_local_folder_stops_download_with_one_line(tmp_path: Path) -> None:
+    params = (REPO_ROOT / "params.yaml").read_text()
+    params = params.replace("    kind: sample\n", f"    kind: local\n", 1).replace('local: {path: ""}', f'local: {{path: "{tmp_path}/nowhere"}}', 1)
+    (tmp_path / "params.yaml").write_text(params)
+    proc = subprocess.run([sys.executable, "-m", "medsr.cli", "download"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "nowhere" in lines[0] and "does not exist" in lines[0], proc.stderr
+    assert not (tmp_path / "data" / "interim").exists()
