@@ -132,8 +132,13 @@ def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_dvc_repro_runs_then_is_a_noop_and_reruns_only_degrade(tmp_path: Path) -> None:
     work = tmp_path / "repo"
-    shutil.copytree(REPO_ROOT, work, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "data", "reports", "mlruns", "*.db", "__pycache__", ".pytest_cache", "benchmarks"))
+    top_level_skip = {".venv", ".git", "data", "reports", "mlruns", "mlartifacts", "mlflow.db", "models", "benchmarks"}
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        skipped = {n for n in names if n in {"__pycache__", ".pytest_cache"}}
+        return skipped | (top_level_skip & set(names) if Path(folder) == REPO_ROOT else set())
+
+    shutil.copytree(REPO_ROOT, work, ignore=skip)
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     (work / "dvc.lock").unlink(missing_ok=True)
     _dvc(["config", "--local", "core.site_cache_dir", str(tmp_path / "dvc-site")], work)
