@@ -1,0 +1,214 @@
+"""Layers shared by the MedSR generators and discriminators.
+
+Output range (one rule for every generator)
+-------------------------------------------
+Every learned generator predicts a *residual over the bicubic upsampling of its input*:
+``y = bicubic_upsample(x, scale) + body(x)``, with the last layer of ``body`` initialised
+small (:func:`shrink_init_`). The seeds end in ``tanh``/``sigmoid`` heads instead; we drop
+them because medical images have large exact-0 backgrounds (and saturated 1.0 regions in
+X-rays) that a squashing head can only reach with unbounded logits and vanishing gradients.
+With the residual form the untrained network already outputs bicubic (inside [0, 1] up to the
+few-percent bicubic overshoot), and training only has to learn the missing detail.
+
+Generators never clamp in training mode (clamping zeroes the gradient of every pixel it
+touches); in eval mode they clamp to [0, 1] so inference honours the array contract.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+SUPPORTED_SCALES: tuple[int, ...] = (2, 4)
+
+
+def check_scale(scale: object, supported: tuple[int, ...] = SUPPORTED_SCALES) -> int:
+    """Return ``scale`` as an int, or raise ValueError naming the supported scales."""
+    names = ", ".join(str(s) for s in supported)
+    if isinstance(scale, bool):
+        raise ValueError(f"unsupported scale {scale!r}; supported scales: {names}")
+    try:
+        value = operator.index(scale)  # accepts numpy integers from YAML/pandas, rejects 2.0
+    except TypeError:
+        raise ValueError(f"unsupported scale {scale!r}; supported scales: {names}") from None
+    if value not in supported:
+        raise ValueError(f"unsupported scale {scale!r}; supported scales: {names}")
+    return value
+
+
+def bicubic_upsample(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Bicubic upsampling by an integer factor: ``(N, C, h, w) -> (N, C, h*scale, w*scale)``.
+
+    The one bicubic operator of the code base: the ``bicubic`` baseline, the global skip of
+    every generator and the residual CNN all call it, so "better than bicubic" compares
+    against exactly the image the networks start from. ``align_corners=False`` treats pixels
+    as areas (pixel-centre convention), which is what integer-factor SR pairs assume.
+    """
+    return F.interpolate(x, scale_factor=float(scale), mode="bicubic", align_corners=False)
+
+
+def bicubic_resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bicubic resize to an explicit ``(H, W)``; used where the target shape is known."""
+    return F.interpolate(x, size=(int(size[0]), int(size[1])), mode="bicubic", align_corners=False)
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
+    """Convolution with 'same' padding so every layer keeps odd input sizes intact."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
+
+
+class SeparableConv2d(nn.Module):
+    """Depthwise (k x k, one filter per channel) then pointwise (1 x 1) convolution.
+
+    Costs ``C*k*k + C*C'`` weights instead of ``C*C'*k*k``; this is the whole of the
+    Swift-SRGAN saving over SRGAN.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(in_channels, in_channels, kernel_size, stride=stride, padding=kernel_size // 2,
+                                   groups=in_channels, bias=bias)
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+def make_conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = True,
+              separable: bool = False) -> nn.Module:
+    """A plain or depthwise-separable 'same' convolution."""
+    if separable:
+        return SeparableConv2d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+    return conv2d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+
+
+def make_activation(kind: str | None, channels: int) -> nn.Module:
+    """``"prelu"`` (per channel, as Swift-SRGAN), ``"leaky"`` (slope 0.2, GAN discriminators),
+    ``"relu"`` or ``None``."""
+    if kind is None:
+        return nn.Identity()
+    if kind == "prelu":
+        return nn.PReLU(num_parameters=channels)
+    if kind == "leaky":
+        return nn.LeakyReLU(0.2, inplace=True)
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+class ConvBlock(nn.Module):
+    """Convolution, optional BatchNorm, optional activation."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 batch_norm: bool = True, act: str | None = "prelu", separable: bool = False) -> None:
+        super().__init__()
+        # A bias before BatchNorm is cancelled by the mean subtraction: leave it out.
+        self.conv = make_conv(in_channels, out_channels, kernel_size, stride=stride, bias=not batch_norm,
+                              separable=separable)
+        self.norm = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
+        self.act = make_activation(act, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class ResidualBlock(nn.Module):
+    """SRResNet residual block: conv-(BN)-act-conv-(BN) plus identity."""
+
+    def __init__(self, channels: int, batch_norm: bool = True, act: str = "prelu", separable: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            ConvBlock(channels, channels, 3, batch_norm=batch_norm, act=act, separable=separable),
+            ConvBlock(channels, channels, 3, batch_norm=batch_norm, act=None, separable=separable),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class PixelShuffleUpsampler(nn.Sequential):
+    """``log2(scale)`` stages of conv(C -> 4C), PixelShuffle(2), PReLU.
+
+    Stacked x2 stages (SRGAN) rather than one PixelShuffle(scale): each stage's conv sees the
+    previous stage's output, so x4 detail is built in two refinements.
+    """
+
+    def __init__(self, channels: int, scale: int, separable: bool = False, act: str | None = "prelu") -> None:
+        stages = int(math.log2(scale))
+        if scale < 2 or 2**stages != scale:
+            raise ValueError(f"PixelShuffleUpsampler needs a power-of-two scale, got {scale}")
+        layers: list[nn.Module] = []
+        for _ in range(stages):
+            layers += [make_conv(channels, 4 * channels, 3, separable=separable), nn.PixelShuffle(2),
+                       make_activation(act, channels)]
+        super().__init__(*layers)
+
+
+def spectral_conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                    bias: bool = True) -> nn.Module:
+    """'Same' convolution with spectral normalisation (Miyato et al. 2018) on its weight."""
+    return spectral_norm(conv2d(in_channels, out_channels, kernel_size, stride=stride, bias=bias))
+
+
+def spectral_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+    """Linear layer with spectral normalisation on its weight."""
+    return spectral_norm(nn.Linear(in_features, out_features, bias=bias))
+
+
+class GlobalPoolClassifier(nn.Module):
+    """Global average pool, dense(hidden), LeakyReLU, dense(1) -> one logit per image.
+
+    Replaces SRGAN's flatten-then-dense (and Swift-SRGAN's AdaptiveAvgPool(6, 6)), which tie
+    the discriminator to one patch size; pooling first makes it accept any patch.
+    """
+
+    def __init__(self, channels: int, hidden: int = 1024) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(torch.flatten(self.pool(x), 1))))
+
+
+@torch.no_grad()
+def shrink_init_(module: nn.Module, factor: float = 0.1) -> nn.Module:
+    """Scale the weight of the *last* conv/linear layer in ``module`` by ``factor``; zero its bias.
+
+    Used on the last layer of a residual branch so the branch starts as a small perturbation
+    (ESRGAN's "smaller initialisation") and an untrained generator outputs about its bicubic
+    skip. Only the last layer: shrinking both halves of a separable conv would shrink by
+    ``factor**2`` and starve the earlier layers of gradient.
+    """
+    layers = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d))]
+    if not layers:
+        raise ValueError("shrink_init_: no conv or linear layer in module")
+    layers[-1].weight.mul_(factor)
+    if layers[-1].bias is not None:
+        layers[-1].bias.zero_()
+    return module
+
+
+class SRGenerator(nn.Module):
+    """Base class of every generator: 1 channel in and out, integer ``scale`` attribute."""
+
+    scale: int
+
+    def __init__(self, scale: int) -> None:
+        super().__init__()
+        self.scale = check_scale(scale)
+
+    def finish(self, upsampled: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Add the residual to the bicubic skip; clamp to [0, 1] only outside training."""
+        out = upsampled if residual is None else upsampled + residual
+        return out if self.training else out.clamp(0.0, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"

@@ -1,0 +1,51 @@
+"""ESPCN: efficient sub-pixel convolutional network.
+
+Seed: ``espcn-brain-mri.md`` (brain MRI, x4, 64x64 -> 256x256; built on the Keras
+"super_resolution_sub_pixel" example). Paper: W. Shi et al., "Real-Time Single Image and
+Video Super-Resolution Using an Efficient Sub-Pixel Convolutional Neural Network", CVPR 2016
+(arXiv:1609.05158).
+
+Architecture: Conv(64, 5x5) - Conv(64, 3x3) - Conv(32, 3x3) - Conv(scale^2, 3x3) -
+PixelShuffle(scale), all in LR space so the cost is paid at 1/scale^2 of the HR pixels.
+
+Activations: ReLU, not the paper's tanh. The seed follows the Keras example, which uses ReLU
+with orthogonal initialisation (kept here too), and ReLU does not saturate on the large
+zero-valued background of MRI slices. The last conv is linear (the Keras example puts a ReLU
+there too) because it emits a signed residual over bicubic (see ``blocks`` module docstring),
+not the image itself.
+
+Parameter counts (1 channel in/out, counted by ``count_parameters``):
+
+    generator x2 = 58,212
+    generator x4 = 61,680
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medsr.models.blocks import SRGenerator, bicubic_upsample, conv2d, shrink_init_
+
+
+class ESPCN(SRGenerator):
+    """ESPCN generator; output = bicubic(x) + PixelShuffle(conv stack(x))."""
+
+    def __init__(self, scale: int = 4) -> None:
+        super().__init__(scale)
+        s = self.scale
+        self.body = nn.Sequential(
+            conv2d(1, 64, 5), nn.ReLU(inplace=True),
+            conv2d(64, 64, 3), nn.ReLU(inplace=True),
+            conv2d(64, 32, 3), nn.ReLU(inplace=True),
+            conv2d(32, s * s, 3),
+            nn.PixelShuffle(s),
+        )
+        for layer in self.body:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.orthogonal_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        shrink_init_(self.body[6])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(bicubic_upsample(x, self.scale), self.body(x))
