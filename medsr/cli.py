@@ -78,6 +78,55 @@ def degrade(params: Path = ParamsOption) -> None:
     console.print(f"degrade: {summary['total_pairs']} pairs written")
 
 
+@app.command()
+def train(model: str = typer.Argument(..., help="espcn, srgan, swift_srgan, brainsr, blimsr or residual_cnn"),
+          params: Path = ParamsOption,
+          profile: str = typer.Option(None, "--profile", help="Override train.profile (sample, full, ...)."),
+          device: str = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")) -> None:
+    """Train one model at every scale; logged to MLflow; resumes a killed run from its checkpoint."""
+    from medsr.pipeline import train_stage
+
+    def run(p: dict[str, Any]) -> dict[str, Any]:
+        if device:
+            p.setdefault("train", {})["device"] = device
+        return train_stage(p, model, profile=profile)
+
+    summary = run_stage("train", run, params)
+    for scale, result in summary["scales"].items():
+        console.print(f"train {model} {scale}: best val PSNR {result['best_val_psnr']:.2f} dB at step "
+                      f"{result['best_step']} of {result['steps_done']} ({result['seconds']:.0f} s)")
+
+
+@app.command()
+def benchmark(params: Path = ParamsOption) -> None:
+    """Score every trained model and bicubic on the test split (metrics/benchmark.json, plots/)."""
+    from medsr.pipeline import benchmark_stage
+
+    run_stage("benchmark", benchmark_stage, params)
+    print_results()
+
+
+def print_results() -> None:
+    """The model x modality table of test PSNR / SSIM / gain over bicubic."""
+    report = _read_metrics("benchmark")
+    if not report:
+        return
+    for scale in sorted({r["scale"] for r in report["results"]}):
+        rows = [r for r in report["results"] if r["scale"] == scale]
+        modalities = sorted({r["modality"] for r in rows} - {"all"}) + (["all"] if any(r["modality"] == "all" for r in rows) else [])
+        table = Table(title=f"Test split, x{scale}: PSNR dB / SSIM / gain over bicubic dB")
+        table.add_column("model")
+        for modality in modalities:
+            table.add_column(modality, justify="right")
+        for model in dict.fromkeys(r["model"] for r in rows):
+            cells = []
+            for modality in modalities:
+                match = [r for r in rows if r["model"] == model and r["modality"] == modality]
+                cells.append(f"{match[0]['psnr']:.2f} / {match[0]['ssim']:.3f} / {match[0]['gain_db']:+.2f}" if match else "-")
+            table.add_row(model, *cells)
+        console.print(table)
+
+
 def _read_metrics(name: str) -> dict[str, Any]:
     path = Path("metrics") / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -120,6 +169,7 @@ def summary() -> None:
         console.print(f"Quarantined: {q['id'].nunique()} image(s)" + (":" if len(q) else "."))
         for row in q.drop_duplicates("id").itertuples():
             console.print(f"  [{row.modality}] {row.reason}", highlight=False, soft_wrap=True)
+    print_results()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""Training configuration: one dataclass, built from ``params.yaml``.
+
+Expected layout of the ``train`` section (every key optional; defaults are the dataclass'):
+
+.. code-block:: yaml
+
+    seed: 1234                 # top level, shared with the other stages
+    train:
+      profile: smoke           # which entry of ``profiles`` to apply
+      pairs_root: data/pairs
+      out_root: models         # out_dir = <out_root>/<model>/x<scale>
+      feature_weights: null    # VGG19 state_dict file; null -> feature matching
+      device: auto
+      num_workers: 2
+      profiles:
+        smoke: {steps: 200, batch_size: 8, lr_patch: 24, val_every: 50, checkpoint_every: 50}
+        full:  {steps: 20000, batch_size: 16, lr_patch: 48, val_every: 1000, checkpoint_every: 1000}
+      models:
+        srgan: {warmup_steps: 100, model_options: {n_blocks: 8}, discriminator_options: {}}
+
+Precedence: dataclass defaults < ``train`` top-level keys < ``profiles[profile]`` <
+``models[model]``; nested dicts (``loss``, ``model_options``, ``discriminator_options``) are
+merged key by key. Unknown keys raise, so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+_NESTED = ("loss", "model_options", "discriminator_options")
+LOSS_KEYS = frozenset({"recipe", "pixel", "adversarial", "weights"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; plain values only (it is stored in checkpoints)."""
+
+    model: str
+    scale: int
+    pairs_root: str = "data/pairs"
+    out_dir: str = ""  # default: models/<model>/x<scale>
+    profile: str = "default"
+    steps: int = 1000  # total generator optimisation steps, warm-up included
+    batch_size: int = 16
+    lr_patch: int = 32  # side of the LR training patch in pixels
+    lr_generator: float = 1e-4
+    lr_discriminator: float = 1e-4
+    warmup_steps: int = 0  # GAN models: pixel-loss-only steps before the adversarial phase
+    adv_weight: float | None = None  # None: the loss recipe's own weight
+    loss: dict[str, Any] = field(default_factory=dict)  # recipe, pixel, adversarial, weights
+    checkpoint_every: int = 100
+    val_every: int = 100
+    val_max_images: int | None = None  # None: the whole val/standard set
+    early_stopping_patience: int | None = None  # validations without a new best val PSNR
+    grad_clip: float | None = 1.0  # max global gradient norm; None disables
+    num_workers: int = 0
+    seed: int = 1234
+    device: str = "auto"  # "auto" (CUDA with AMP when available), "cpu", "cuda", "cuda:N"
+    amp: bool = True  # mixed precision on CUDA; never on CPU
+    augment: bool = True  # random flips and 90-degree rotations of training patches
+    model_options: dict[str, Any] = field(default_factory=dict)
+    discriminator_options: dict[str, Any] = field(default_factory=dict)
+    feature_weights: str | None = None  # VGG19 weights file for the perceptual loss
+    resume: bool = True  # continue from out_dir/last.pt when it exists
+    quiet: bool = False  # no progress bar
+
+    def __post_init__(self) -> None:
+        if not self.out_dir:
+            self.out_dir = f"models/{self.model}/x{self.scale}"
+        if self.feature_weights is not None and not str(self.feature_weights).strip():
+            self.feature_weights = None
+        positive = ("steps", "batch_size", "lr_patch", "checkpoint_every", "val_every", "scale")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"train.warmup_steps must be in 0..steps ({self.steps}), got {self.warmup_steps}")
+        if self.num_workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"train.early_stopping_patience must be >= 1 or null, got {self.early_stopping_patience}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        unknown = set(self.loss) - LOSS_KEYS
+        if unknown:
+            raise ValueError(f"train.loss: unknown keys {sorted(unknown)}; known: {sorted(LOSS_KEYS)}")
+        if self.loss.get("adversarial", "vanilla") not in ("vanilla", "relativistic"):
+            raise ValueError("train.loss.adversarial must be vanilla or relativistic, "
+                             f"got {self.loss['adversarial']!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a flat dict; unknown keys raise ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown training options {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], model: str, scale: int, *, profile: str | None = None,
+                    **overrides: Any) -> TrainConfig:
+        """Resolve the config of ``model`` at ``scale`` from a loaded ``params.yaml`` (layout above)."""
+        train = dict(params.get("train") or {})
+        profiles = train.pop("profiles", None) or {}
+        models = train.pop("models", None) or {}
+        out_root = train.pop("out_root", "models")
+        chosen = profile or train.pop("profile", None) or "default"
+        train.pop("profile", None)
+        if chosen not in profiles and chosen != "default":
+            raise ValueError(f"train.profile {chosen!r} is not defined; profiles: {sorted(profiles)}")
+        values: dict[str, Any] = {"seed": params.get("seed", 1234)}
+        for layer in (train, profiles.get(chosen) or {}, models.get(model) or {}, overrides):
+            for key, value in layer.items():
+                if key in _NESTED and isinstance(value, dict):
+                    values[key] = {**values.get(key, {}), **value}
+                else:
+                    values[key] = value
+        values.update(model=model, scale=int(scale), profile=chosen)
+        values.setdefault("out_dir", f"{out_root}/{model}/x{int(scale)}")
+        return cls.from_dict(values)

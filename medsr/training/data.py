@@ -1,0 +1,116 @@
+"""Training batches: random aligned LR/HR patches from memory-mapped pair sets.
+
+Each batch is drawn with its own generator seeded from ``(seed, step)``, so the data of step
+``k`` is the same whatever the number of DataLoader workers and whether the run was resumed:
+a killed-and-resumed run sees exactly the batches of an uninterrupted one. Worker ``w`` of
+``W`` builds the batches of steps ``w, w + W, ...`` of the run; the DataLoader returns them in
+step order.
+
+A batch is ``{"lr": (B, 1, p, p), "hr": (B, 1, p*s, p*s), "step": k, "scale": s,
+"blind_fraction": f}``. One batch has one scale (the BrainSR curriculum changes it between
+steps) and mixes standard and blind pairs with probability ``degradation_strength``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from medsr.data.pairs import PairSet
+
+# progress in [0, 1], target scale -> {"scale": int, "degradation_strength": float}
+Curriculum = Callable[[float, int], dict[str, Any]]
+
+
+def pair_set_path(pairs_root: str | Path, split: str, scale: int, kind: str) -> Path:
+    """``<pairs_root>/<split>/x<scale>/<kind>``, the layout the degrade stage writes."""
+    return Path(pairs_root) / split / f"x{scale}" / kind
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What step ``k`` trains on."""
+
+    scale: int
+    blind_probability: float
+
+
+class PatchBatches(IterableDataset):
+    """Batches of random patches for steps ``first_step..last_step`` (inclusive)."""
+
+    def __init__(self, pairs_root: str | Path, *, kind: str, target_scale: int, batch_size: int, lr_patch: int,
+                 seed: int, first_step: int, last_step: int, total_steps: int, augment: bool = True,
+                 curriculum: Curriculum | None = None) -> None:
+        super().__init__()
+        self.kind = kind
+        self.target_scale = target_scale
+        self.batch_size = batch_size
+        self.seed = seed
+        self.first_step = first_step
+        self.last_step = last_step
+        self.total_steps = total_steps
+        self.augment = augment
+        self.curriculum = curriculum
+        # The curriculum trains on standard and blind pairs at x2 and at the target scale.
+        if curriculum is None:
+            wanted = [(target_scale, kind)]
+        else:
+            wanted = [(s, k) for s in sorted({2, target_scale}) for k in ("standard", "blind")]
+        self.sources: dict[tuple[int, str], PairSet] = {}
+        for scale, pair_kind in wanted:
+            pairs = PairSet(pair_set_path(pairs_root, "train", scale, pair_kind))
+            if len(pairs) == 0:
+                raise ValueError(f"{pairs.folder}: pair set is empty; nothing to train on")
+            if pairs.scale != scale:
+                raise ValueError(f"{pairs.folder}: index says scale {pairs.scale}, folder says x{scale}")
+            self.sources[(scale, pair_kind)] = pairs
+        # One patch side for every batch, so patches of small images still stack.
+        smallest = min(min(p["lr_shape"]) for pairs in self.sources.values() for p in pairs.pairs)
+        self.lr_patch = min(lr_patch, smallest)
+
+    def plan(self, step: int) -> StepPlan:
+        """Scale and blind-pair probability of ``step`` (1-based)."""
+        if self.curriculum is None:
+            return StepPlan(self.target_scale, 1.0 if self.kind == "blind" else 0.0)
+        progress = (step - 1) / max(self.total_steps - 1, 1)
+        stage = self.curriculum(progress, self.target_scale)
+        return StepPlan(int(stage["scale"]), float(stage["degradation_strength"]))
+
+    def batch(self, step: int) -> dict[str, Any]:
+        """The batch of ``step``; a pure function of ``(seed, step)``."""
+        rng = np.random.default_rng([self.seed, step])
+        plan = self.plan(step)
+        lr_batch, hr_batch = [], []
+        blind_count = 0
+        for _ in range(self.batch_size):
+            blind = self.curriculum is not None and rng.random() < plan.blind_probability
+            kind = "blind" if blind else ("standard" if self.curriculum is not None else self.kind)
+            blind_count += kind == "blind"
+            pairs = self.sources[(plan.scale, kind)]
+            lr, hr = pairs.patch(int(rng.integers(len(pairs))), self.lr_patch, rng)
+            if self.augment:
+                turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+                lr, hr = np.rot90(lr, turns, axes=(1, 2)), np.rot90(hr, turns, axes=(1, 2))
+                if flip:
+                    lr, hr = lr[:, :, ::-1], hr[:, :, ::-1]
+            lr_batch.append(np.ascontiguousarray(lr))
+            hr_batch.append(np.ascontiguousarray(hr))
+        return {
+            "lr": torch.from_numpy(np.stack(lr_batch)),
+            "hr": torch.from_numpy(np.stack(hr_batch)),
+            "step": step,
+            "scale": plan.scale,
+            "blind_fraction": blind_count / self.batch_size,
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for step in range(self.first_step + worker, self.last_step + 1, workers):
+            yield self.batch(step)

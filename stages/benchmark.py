@@ -1,0 +1,6 @@
+"""DVC stage `benchmark`: a thin entry point over medsr.pipeline.benchmark_stage (see dvc.yaml)."""
+
+from medsr.cli import stage_main
+
+if __name__ == "__main__":
+    stage_main("benchmark")

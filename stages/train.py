@@ -1,0 +1,6 @@
+"""DVC stage `train@<model>`: a thin entry point over medsr.pipeline.train_stage (see dvc.yaml)."""
+
+from medsr.cli import stage_main
+
+if __name__ == "__main__":
+    stage_main("train")

@@ -1,0 +1,254 @@
+"""Losses: values against references, and gradient reaching the SR batch from every term."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+from skimage.metrics import structural_similarity
+from torch import nn
+
+from medsr.losses import (
+    NO_PERCEPTUAL_NOTE,
+    RECIPES,
+    FeatureExtractor,
+    GeneratorLoss,
+    blimsr_generator_loss,
+    build_feature_loss,
+    discriminator_adversarial_loss,
+    dssim_loss,
+    feature_matching_loss,
+    forward_with_features,
+    generator_adversarial_loss,
+    gradient_loss,
+    pixel_loss,
+    recipe_for_model,
+    srgan_generator_loss,
+    ssim_torch,
+    total_variation_loss,
+    vgg19_feature_layers,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes tiny models
+    several times slower with 2 threads than with 1."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def camera_batch(size: int = 48, noise: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sr, hr): a photograph crop (N=2, two different crops) and a noisy copy, float32 (2, 1, H, W)."""
+    image = skimage.data.camera().astype(np.float32) / 255.0
+    hr = np.stack([image[100:100 + size, 200:200 + size], image[300:300 + size, 50:50 + size]])[:, None]
+    rng = np.random.default_rng(0)
+    sr = np.clip(hr + rng.normal(0, noise, hr.shape), 0, 1).astype(np.float32)
+    return torch.from_numpy(sr), torch.from_numpy(hr)
+
+
+def tiny_discriminator() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(4, 8, 3, 2, 1), nn.LeakyReLU(0.2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 1))
+
+
+def grad_to(term: torch.Tensor, sr: torch.Tensor) -> torch.Tensor:
+    assert term.requires_grad, "term is detached from the SR batch"
+    (gradient,) = torch.autograd.grad(term, sr, retain_graph=True)
+    return gradient
+
+
+def test_pixel_losses() -> None:
+    sr, hr = torch.zeros(1, 1, 4, 4), torch.full((1, 1, 4, 4), 0.5)
+    assert pixel_loss(sr, hr, "l1").item() == pytest.approx(0.5)
+    assert pixel_loss(sr, hr, "mse").item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="unknown pixel loss"):
+        pixel_loss(sr, hr, "l3")
+
+
+def test_ssim_torch_matches_scikit_image() -> None:
+    sr, hr = camera_batch()
+    expected = np.mean([
+        structural_similarity(hr[i, 0].double().numpy(), sr[i, 0].double().numpy(), gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False, data_range=1.0)
+        for i in range(2)
+    ])
+    assert 0.3 < expected < 0.95
+    assert ssim_torch(sr, hr).item() == pytest.approx(expected, abs=2e-5)
+    assert ssim_torch(hr, hr).item() == pytest.approx(1.0, abs=1e-6)
+    assert dssim_loss(hr, hr).item() == pytest.approx(0.0, abs=1e-6)
+    assert dssim_loss(sr, hr).item() == pytest.approx((1 - expected) / 2, abs=1e-5)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim_torch(sr[..., :10, :10], hr[..., :10, :10])
+
+
+def test_total_variation_and_gradient_losses() -> None:
+    assert total_variation_loss(torch.full((1, 1, 8, 8), 0.3)).item() == 0.0
+    checkerboard = (torch.arange(8).view(1, 8) + torch.arange(8).view(8, 1)).remainder(2).float().view(1, 1, 8, 8)
+    assert total_variation_loss(checkerboard).item() == pytest.approx(2.0)
+    _, hr = camera_batch()
+    # Gradients ignore a constant offset but see blur.
+    assert gradient_loss(hr + 0.1, hr).item() == pytest.approx(0.0, abs=1e-6)
+    blurred = F.avg_pool2d(hr, 3, stride=1, padding=1, count_include_pad=False)
+    assert gradient_loss(blurred, hr).item() > 0.005
+    # A vertical unit step: normalised Sobel response 1 in the two columns beside the step, only
+    # in the horizontal channel: 2 columns x 6 rows over 2 channels x 36 pixels.
+    step = torch.zeros(1, 1, 6, 6)
+    step[..., 3:] = 1.0
+    assert gradient_loss(step, torch.zeros_like(step)).item() == pytest.approx(12 / 72)
+
+
+def test_adversarial_losses() -> None:
+    confident_real, confident_fake = torch.full((4, 1), 20.0), torch.full((4, 1), -20.0)
+    assert discriminator_adversarial_loss(confident_real, confident_fake).item() == pytest.approx(0.0, abs=1e-6)
+    assert discriminator_adversarial_loss(confident_fake, confident_real).item() == pytest.approx(20.0, abs=1e-3)
+    zero = torch.zeros(4, 1)
+    assert generator_adversarial_loss(zero).item() == pytest.approx(np.log(2))
+    real, fake = torch.randn(4, 1), torch.randn(4, 1)
+    # Relativistic losses depend only on the difference between real and fake logits.
+    shifted = discriminator_adversarial_loss(real + 3, fake + 3, relativistic=True)
+    unshifted = discriminator_adversarial_loss(real, fake, relativistic=True)
+    assert shifted.item() == pytest.approx(unshifted.item(), abs=1e-6)
+    assert discriminator_adversarial_loss(real + 3, fake + 3).item() != pytest.approx(
+        discriminator_adversarial_loss(real, fake).item(), abs=1e-3)
+    with pytest.raises(ValueError, match="real images"):
+        generator_adversarial_loss(fake, relativistic=True)
+    real.requires_grad_(True)
+    fake.requires_grad_(True)
+    generator_adversarial_loss(fake, real, relativistic=True).backward()
+    assert real.grad is None and fake.grad.abs().sum() > 0  # the generator step never trains D
+
+
+def test_feature_matching_uses_discriminator_features() -> None:
+    sr, hr = camera_batch(size=32)
+    sr.requires_grad_(True)
+    discriminator = tiny_discriminator()
+    logits, fake_features = forward_with_features(discriminator, sr)
+    assert logits.shape == (2, 1) and [f.shape[1] for f in fake_features] == [4, 8]
+    with torch.no_grad():
+        _, real_features = forward_with_features(discriminator, hr)
+    loss = feature_matching_loss(fake_features, real_features)
+    assert loss.item() > 0 and grad_to(loss, sr).abs().sum() > 0
+    _, same = forward_with_features(discriminator, hr)
+    assert feature_matching_loss(same, real_features).item() == 0.0
+    assert not discriminator[0]._forward_hooks  # hooks are removed after the call
+    with pytest.raises(ValueError, match="no"):
+        forward_with_features(nn.Identity(), sr)
+
+
+def save_vgg19_like_torchvision(path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state_dict shaped like torchvision's vgg19 file: 'features.N.*' plus classifier keys."""
+    torch.manual_seed(seed)
+    features = vgg19_feature_layers(37)
+    state = {f"features.{k}": v for k, v in features.state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(2, 2)  # extra keys are ignored
+    torch.save(state, path)
+    return state
+
+
+def test_build_feature_loss_without_a_weights_file_is_none() -> None:
+    assert build_feature_loss(None) is None
+    assert build_feature_loss("") is None
+
+
+def test_vgg19_loads_only_from_a_file_and_passes_gradient(tmp_path) -> None:
+    path = tmp_path / "vgg19.pth"
+    state = save_vgg19_like_torchvision(path)
+    perceptual = build_feature_loss(str(path))
+    assert perceptual is not None
+    extractor = perceptual.extractor
+    assert torch.equal(extractor.features[34].weight, state["features.34.weight"])  # conv5_4 loaded
+    assert len(extractor.features) == 35 and isinstance(extractor.features[-1], nn.Conv2d)
+    assert not any(p.requires_grad for p in extractor.parameters())
+    extractor.train()
+    assert not extractor.training  # stays frozen in eval mode
+    # A bare features state_dict ("0.weight") loads too.
+    bare = tmp_path / "bare.pt"
+    torch.save({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}, bare)
+    assert torch.equal(FeatureExtractor.from_weights(bare).features[0].weight, state["features.0.weight"])
+
+    sr, hr = camera_batch(size=32)
+    sr.requires_grad_(True)
+    loss = perceptual(sr, hr)
+    assert loss.item() > 0 and grad_to(loss, sr).abs().sum() > 0
+    assert perceptual(hr, hr).item() == 0.0
+    # 1-channel input is replicated to RGB and ImageNet-normalised, so it equals the RGB path.
+    rgb = hr.expand(-1, 3, -1, -1)
+    assert torch.allclose(extractor(hr), extractor(rgb))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(extractor(hr), extractor.features((rgb - mean) / std))
+
+
+def test_vgg19_weight_file_errors_are_clear(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        build_feature_loss(str(tmp_path / "missing.pth"))
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pth: not a readable VGG19 state_dict"):
+        build_feature_loss(str(corrupt))
+    other = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, other)
+    with pytest.raises(ValueError, match="not VGG19 feature weights"):
+        build_feature_loss(str(other))
+    wrong_shape = tmp_path / "wrong.pth"
+    state = {f"features.{k}": v for k, v in vgg19_feature_layers(35).state_dict().items()}
+    state["features.0.weight"] = torch.zeros(64, 1, 3, 3)
+    torch.save(state, wrong_shape)
+    with pytest.raises(ValueError, match="features.0.weight has shape"):
+        build_feature_loss(str(wrong_shape))
+
+
+def test_blimsr_loss_every_term_reaches_the_sr_batch() -> None:
+    sr, hr = camera_batch(size=32)
+    sr.requires_grad_(True)
+    discriminator = tiny_discriminator()
+    fake_logits, fake_features = forward_with_features(discriminator, sr)
+    with torch.no_grad():
+        real_logits, real_features = forward_with_features(discriminator, hr)
+    total, terms = blimsr_generator_loss(sr, hr, fake_logits, real_logits=real_logits, fake_features=fake_features,
+                                         real_features=real_features)
+    assert set(terms) == {"feature_matching", "adversarial", "pixel_l1", "gradient", "dssim"}
+    for name, term in terms.items():
+        assert grad_to(term, sr).abs().sum() > 0, f"no gradient from {name}"
+    expected = (terms["feature_matching"] + 0.01 * terms["adversarial"] + 0.1 * terms["pixel_l1"]
+                + terms["gradient"] + terms["dssim"])
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="feature matching"):
+        blimsr_generator_loss(sr, hr, fake_logits)
+
+
+def test_srgan_adversarial_and_perceptual_terms_carry_gradient(tmp_path) -> None:
+    path = tmp_path / "vgg19.pth"
+    save_vgg19_like_torchvision(path)
+    perceptual = build_feature_loss(str(path), criterion="mse")
+    sr, hr = camera_batch(size=32)
+    sr.requires_grad_(True)
+    fake_logits = tiny_discriminator()(sr)
+    total, terms = srgan_generator_loss(sr, hr, fake_logits, perceptual=perceptual)
+    assert set(terms) == {"pixel_mse", "perceptual", "adversarial", "tv"}
+    for name in ("perceptual", "adversarial"):
+        assert grad_to(terms[name], sr).abs().sum() > 0, f"no gradient from {name}"
+    assert grad_to(total, sr).abs().sum() > 0
+
+
+def test_generator_loss_recipes_and_warmup() -> None:
+    assert recipe_for_model("espcn", adversarial=False) == "pixel"
+    assert recipe_for_model("swift_srgan", adversarial=True) == "srgan"
+    assert recipe_for_model("blimsr", adversarial=True) == "blimsr"
+    assert recipe_for_model("brainsr", adversarial=True, conditional_discriminator=True) == "cgan"
+    loss = GeneratorLoss(RECIPES["srgan"])
+    assert loss.needs_discriminator_features and loss.feature_loss_note == NO_PERCEPTUAL_NOTE
+    sr, hr = camera_batch(size=16)
+    total, terms = loss(sr, hr, warmup=True)
+    assert list(terms) == ["pixel_mse"] and total.item() == pytest.approx(F.mse_loss(sr, hr).item())
+    assert GeneratorLoss(RECIPES["pixel"]).feature_loss_note == "not used"
+    stronger = RECIPES["srgan"].with_overrides(adversarial_weight=0.5, pixel="l1")
+    assert stronger.weights["adversarial"] == 0.5 and stronger.pixel == "l1"
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        RECIPES["pixel"].with_overrides(weights={"style": 1.0})
