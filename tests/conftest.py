@@ -42,3 +42,11 @@ def sample_interim(sample_raw: Path, tmp_path_factory: pytest.TempPathFactory) -
     options = IngestOptions.from_params(load_params(REPO_ROOT / "params.yaml")["data"])
     ingest(sample_raw, out, options, {"xray": "sample", "ct": "sample", "mri": "sample"})
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Two cores are shared with DataLoader workers and subprocesses: one thread avoids oversubscription."""
+    import torch
+
+    torch.set_num_threads(1)

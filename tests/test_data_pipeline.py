@@ -123,48 +123,6 @@ def test_split_and_degrade_on_the_sample(sample_interim: Path, tmp_path: Path) -
     assert ssl.hr(0).shape[-1] == 2 * ssl.lr(0).shape[-1]
 
 
-def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-@pytest.mark.slow
-def test_dvc_repro_runs_then_is_a_noop_and_reruns_only_degrade(tmp_path: Path) -> None:
-    work = tmp_path / "repo"
-    top_level_skip = {".venv", ".git", "data", "reports", "mlruns", "mlartifacts", "mlflow.db", "models", "benchmarks"}
-
-    def skip(folder: str, names: list[str]) -> set[str]:
-        skipped = {n for n in names if n in {"__pycache__", ".pytest_cache"}}
-        return skipped | (top_level_skip & set(names) if Path(folder) == REPO_ROOT else set())
-
-    shutil.copytree(REPO_ROOT, work, ignore=skip)
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    (work / "dvc.lock").unlink(missing_ok=True)
-    _dvc(["config", "--local", "core.site_cache_dir", str(tmp_path / "dvc-site")], work)
-
-    dag = _dvc(["dag"], work)
-    assert dag.returncode == 0, dag.stderr
-    for stage in ("download", "validate", "split", "degrade"):
-        assert stage in dag.stdout
-
-    first = _dvc(["repro"], work)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert (work / "data/pairs/test/x4/standard/index.json").is_file()
-    assert (work / "reports/validation.html").is_file()
-
-    second = _dvc(["repro"], work)
-    assert second.returncode == 0, second.stderr
-    assert "Running stage" not in second.stdout, second.stdout
-
-    params = (work / "params.yaml").read_text().replace("blur_sigma: 0.6", "blur_sigma: 0.7", 1)
-    (work / "params.yaml").write_text(params)
-    dry = _dvc(["repro", "--dry"], work)
-    assert dry.returncode == 0, dry.stderr
-    ran = [line for line in dry.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'degrade':"], dry.stdout
-
-
 @pytest.mark.slow
 def test_missing_local_folder_stops_download_with_one_line(tmp_path: Path) -> None:
     params = (REPO_ROOT / "params.yaml").read_text()

@@ -340,3 +340,14 @@ def test_config_from_params_layers_and_rejects_typos() -> None:
         TrainConfig.from_params(params, "espcn", 2, profile="huge")
     with pytest.raises(ValueError, match="warmup_steps"):
         TrainConfig(model="srgan", scale=2, steps=5, warmup_steps=6)
+
+
+def test_profile_may_size_one_model_and_that_wins() -> None:
+    params = {"train": {
+        "profiles": {"sample": {"steps": 300, "batch_size": 16,
+                                "models": {"srgan": {"steps": 160, "model_options": {"n_blocks": 4}}}}},
+        "models": {"srgan": {"steps": 50, "model_options": {"n_feats": 32}}}}}
+    srgan = TrainConfig.from_params(params, "srgan", 2, profile="sample")
+    assert (srgan.steps, srgan.batch_size) == (160, 16)
+    assert srgan.model_options == {"n_feats": 32, "n_blocks": 4}  # merged key by key
+    assert TrainConfig.from_params(params, "espcn", 2, profile="sample").steps == 300

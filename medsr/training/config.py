@@ -19,7 +19,7 @@ Expected layout of the ``train`` section (every key optional; defaults are the d
         srgan: {warmup_steps: 100, model_options: {n_blocks: 8}, discriminator_options: {}}
 
 Precedence: dataclass defaults < ``train`` top-level keys < ``profiles[profile]`` <
-``models[model]``; nested dicts (``loss``, ``model_options``, ``discriminator_options``) are
+``models[model]`` < ``profiles[profile].models[model]`` (a profile's budget for one model); nested dicts (``loss``, ``model_options``, ``discriminator_options``) are
 merged key by key. Unknown keys raise, so a typo never silently trains with a default.
 """
 
@@ -116,7 +116,10 @@ class TrainConfig:
         if chosen not in profiles and chosen != "default":
             raise ValueError(f"train.profile {chosen!r} is not defined; profiles: {sorted(profiles)}")
         values: dict[str, Any] = {"seed": params.get("seed", 1234)}
-        for layer in (train, profiles.get(chosen) or {}, models.get(model) or {}, overrides):
+        profile_layer = dict(profiles.get(chosen) or {})
+        # A profile may size one model differently (a CPU budget for the heavy GANs): most specific wins.
+        profile_models = profile_layer.pop("models", None) or {}
+        for layer in (train, profile_layer, models.get(model) or {}, profile_models.get(model) or {}, overrides):
             for key, value in layer.items():
                 if key in _NESTED and isinstance(value, dict):
                     values[key] = {**values.get(key, {}), **value}
