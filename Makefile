@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv run test test-fast bench dag clean
+.PHONY: venv run test test-fast bench dag clean serve package
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,15 @@ test-fast: venv
 
 bench: venv
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_models.py
+	$(PY) benchmarks/bench_serving.py
+
+# Serves the registry's champion (run `make run` first) on 127.0.0.1:3000.
+serve: venv
+	$(PY) -m bentoml serve serving.service:MedSR --host 127.0.0.1 --port 3000 --arg device=auto
+
+package: venv
+	medsr package
 
 dag: venv
 	dvc dag

@@ -127,6 +127,26 @@ def print_results() -> None:
         console.print(table)
 
 
+@app.command()
+def package(
+    alias: str = typer.Option("champion", help="Registry alias packaged for medsr-x4 (and medsr-x2 when registered)."),
+    bentofile: str = typer.Option("bentofile.yaml", help="BentoML build file, relative to the repository root."),
+) -> None:
+    """Build a Bento of the serving service carrying the registry's champion generators."""
+    from medsr.inference import ModelNotFoundError, package_bento
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        bento_tag, models = package_bento(Path("."), bentofile, alias=alias)
+    except ModelNotFoundError as err:
+        err_console.print(f"[bold red]medsr package:[/] {err}. Fix: run `make run` (it trains and registers a champion) "
+                          "or point MLFLOW_TRACKING_URI at a registry that has one", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+    for scale, tag in sorted(models.items(), reverse=True):
+        console.print(f"package: x{scale} champion imported as BentoML model {tag}")
+    console.print(f"package: built Bento {bento_tag}; serve it with `bentoml serve {bento_tag} --host 127.0.0.1 --port 3000`")
+
+
 def _read_metrics(name: str) -> dict[str, Any]:
     path = Path("metrics") / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,496 @@
+"""The BentoML service over HTTP: a real `bentoml serve` on 127.0.0.1 against a temporary MLflow
+registry holding untrained generators (espcn x4 champion = version 1, bicubic x4 = version 2,
+espcn x2 champion), exercised endpoint by endpoint and with every kind of bad input."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import copy
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from medsr.data.sample_files import sample_file
+from serving import REPO_ROOT, QUIET_ENV, ServiceProcess, register_generator
+
+PATIENT_NAME = "Doe^Janet"
+PATIENT_ID = "PID-SECRET-4242"
+SECRET_FILE_NAME = "Janet_Doe_PID-SECRET-4242.dcm"
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+ERROR_KEYS = {"error", "fix", "status", "request_id"}
+
+
+# ------------------------------------------------------------------------------------- fixtures
+
+
+def make_registry(root: Path, entries: list[tuple[str, int, bool]]) -> tuple[str, dict[tuple[str, int], str]]:
+    """A fresh SQLite MLflow store under ``root`` with the given (architecture, scale, champion)."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous_env, previous_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        versions = {(arch, scale): register_generator(arch, scale, artifact_dir=root / "artifacts", champion=champion)
+                    for arch, scale, champion in entries}
+    finally:
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+        mlflow.set_tracking_uri(previous_uri)
+    return uri, versions
+
+
+def params_file(folder: Path, **serving: Any) -> Path:
+    """The repository's params.yaml with some `serving:` values changed."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["serving"] = {**copy.deepcopy(params.get("serving", {})), **serving}
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("registry")
+    uri, versions = make_registry(root, [("espcn", 4, True), ("bicubic", 4, False), ("espcn", 2, True)])
+    return {"uri": uri, "root": root, "versions": versions}
+
+
+@pytest.fixture(scope="module")
+def service(registry: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    folder = tmp_path_factory.mktemp("service")
+    params = params_file(folder, max_upload_bytes=MAX_UPLOAD_BYTES)
+    log = folder / "service.log"
+    with ServiceProcess(env={"MLFLOW_TRACKING_URI": registry["uri"], "MEDSR_PARAMS": str(params)},
+                        log_path=log, device="auto") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(service: ServiceProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.url, timeout=300.0) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Good and bad inputs, written once."""
+    folder = tmp_path_factory.mktemp("inputs")
+    out: dict[str, Path] = {}
+
+    ct = pydicom.dcmread(sample_file("pydicom", "CT_small.dcm"))
+    ct.PatientName, ct.PatientID = PATIENT_NAME, PATIENT_ID
+    out["ct"] = folder / SECRET_FILE_NAME
+    ct.save_as(out["ct"])
+
+    out["truncated_dicom"] = folder / "truncated.dcm"
+    out["truncated_dicom"].write_bytes(out["ct"].read_bytes()[:20000])
+    out["corrupt_dicom"] = folder / "corrupt.dcm"
+    out["corrupt_dicom"].write_bytes(b"\x00" * 128 + b"DICM" + np.random.default_rng(0).bytes(4000))
+
+    png = io.BytesIO()
+    Image.fromarray(np.linspace(0, 65535, 48 * 40).reshape(48, 40).astype(np.uint16)).save(png, format="PNG")
+    out["png16"] = folder / "gray16.png"
+    out["png16"].write_bytes(png.getvalue())
+    out["truncated_png"] = folder / "cut.png"
+    out["truncated_png"].write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
+
+    out["too_large_png"] = folder / "huge.png"
+    Image.fromarray(np.zeros((2100, 2100), np.uint8)).save(out["too_large_png"])  # x4: 70.6 MP > 67.1 MP
+    nan = np.full((32, 32), 0.5, np.float32)
+    nan[5, 7] = np.nan
+    out["nan_tiff"] = folder / "nan.tif"
+    Image.fromarray(nan, mode="F").save(out["nan_tiff"])
+    out["text"] = folder / "notes.png"
+    out["text"].write_text("this is not an image\n" * 20)
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    four = FileDataset(str(folder / "four.dcm"), {}, file_meta=meta, preamble=b"\x00" * 128)
+    four.SOPClassUID, four.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    four.Modality, four.PatientName, four.PatientID = "MR", PATIENT_NAME, PATIENT_ID
+    four.StudyInstanceUID, four.SeriesInstanceUID = generate_uid(), generate_uid()
+    four.set_pixel_data((np.arange(4 * 32 * 32).reshape(4, 32, 32) % 4000).astype(np.uint16), "MONOCHROME2", 12)
+    out["four_frames"] = folder / "four.dcm"
+    four.save_as(out["four_frames"], enforce_file_format=True)
+    return out
+
+
+def upload(client: httpx.Client, path: Path, route: str = "/upscale", **fields: Any) -> httpx.Response:
+    with path.open("rb") as handle:
+        return client.post(route, files={"file": (path.name, handle)}, data={k: str(v) for k, v in fields.items()})
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert ERROR_KEYS <= set(body), body
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert body["fix"], body
+    for word in words:
+        assert word.lower() in body["error"].lower(), body
+    return body
+
+
+# ------------------------------------------------------------------------------ probes and info
+
+
+def test_health_readiness_metrics_and_request_ids(client: httpx.Client) -> None:
+    for probe in ("/livez", "/readyz"):
+        response = client.get(probe)
+        assert response.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", response.headers["x-request-id"])
+    assert client.get("/readyz", headers={"X-Request-ID": "trace-42"}).headers["x-request-id"] == "trace-42"
+    assert client.get("/readyz", headers={"X-Request-ID": "bad id\twith junk"}).headers["x-request-id"] != "bad id\twith junk"
+    missing = client.get("/no-such-page")
+    assert_error(missing, 404, "not found")
+    assert client.post("/upscale_array", json={"images": [{"image": [[0.5, 0.25]], "scale": 4}]}).status_code == 200
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and "x-request-id" in metrics.headers
+    assert 'medsr_requests_total{endpoint="/upscale_array",status="200"}' in metrics.text
+    assert "medsr_consistency_psnr_db_bucket" in metrics.text
+
+
+def test_info_and_samples(client: httpx.Client, registry: dict[str, Any]) -> None:
+    info = client.get("/info").json()
+    assert info["ready"] and info["scales"] == [4, 2]
+    assert info["models"]["4"]["version"] == registry["versions"][("espcn", 4)]
+    assert info["models"]["4"]["architecture"] == "espcn" and info["models"]["2"]["registered_name"] == "medsr-x2"
+    samples = client.get("/samples").json()["samples"]
+    ids = {sample["id"] for sample in samples}
+    assert {"xray-rg1-unci", "ct-ct-small"} <= ids
+    sample = client.get("/samples/ct-ct-small")
+    assert sample.status_code == 200 and sample.content[128:132] == b"DICM"
+    assert_error(client.get("/samples/nope"), 404, "no sample")
+    page = client.get("/")
+    assert page.status_code == 200 and "MedSR" in page.text and client.get("/static/app.js").status_code == 200
+
+
+# ---------------------------------------------------------------------------------- /upscale
+
+
+def test_dicom_round_trip_readable_by_pydicom_and_dcmdump(client: httpx.Client, files: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    original = pydicom.dcmread(files["ct"])
+    response = upload(client, files["ct"], scale=4)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/dicom"
+    consistency = float(response.headers["x-medsr-consistency-psnr"])
+    assert 20.0 < consistency <= 100.0 and response.headers["x-medsr-consistency-warning"] in ("true", "false")
+    assert response.headers["x-medsr-model"] == "medsr-x4/espcn" and response.headers["x-medsr-model-version"] == "1"
+
+    out = pydicom.dcmread(io.BytesIO(response.content))
+    assert (out.Rows, out.Columns) == (512, 512)
+    assert out.SOPInstanceUID != original.SOPInstanceUID and out.SeriesInstanceUID != original.SeriesInstanceUID
+    assert [float(v) for v in out.PixelSpacing] == pytest.approx([float(v) / 4 for v in original.PixelSpacing], rel=1e-5)
+    assert out.ImageType[0] == "DERIVED"
+    assert "medsr-x4 version 1" in out.DerivationDescription and "espcn" in out.DerivationDescription
+    assert out.pixel_array.dtype == original.pixel_array.dtype
+    hu_in = pydicom.pixels.apply_modality_lut(original.pixel_array, original)
+    hu_out = pydicom.pixels.apply_modality_lut(out.pixel_array, out)
+    assert abs(float(hu_out.mean()) - float(hu_in.mean())) < 10.0  # HU, not stored values or [0, 1]
+
+    saved = tmp_path / "result.dcm"
+    saved.write_bytes(response.content)
+    dump = subprocess.run(["dcmdump", "+P", "0008,0008", "+P", "0008,2111", "+P", "0028,0010", "+P", "0028,0011",
+                           "+P", "0028,0030", "+P", "0008,0018", "+P", "0020,000e", str(saved)],
+                          capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    assert "DERIVED" in dump.stdout and "MedSR" in dump.stdout
+    assert "US 512" in dump.stdout and out.SOPInstanceUID in dump.stdout and out.SeriesInstanceUID in dump.stdout
+    assert original.SOPInstanceUID not in dump.stdout
+
+
+def test_nifti_and_raster_come_back_in_their_format(client: httpx.Client, files: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    import nibabel as nib
+
+    volume = np.zeros((24, 20, 2), np.int16)
+    volume[6:18, 4:16] = 300
+    path = tmp_path / "brain.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([1.2, 1.2, 4.0, 1.0])), path)
+    response = upload(client, path, scale=2)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-medsr-frames"] == "2" and response.headers["x-medsr-model"] == "medsr-x2/espcn"
+    import gzip
+
+    out = nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
+    assert out.shape == (48, 40, 2) and out.header.get_zooms() == pytest.approx((0.6, 0.6, 4.0))
+
+    png = upload(client, files["png16"], scale=4)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(png.content)) as image:
+        assert image.mode == "I;16" and image.size == (160, 192)
+
+
+def test_model_version_picks_a_registry_version(client: httpx.Client, files: dict[str, Path],
+                                                registry: dict[str, Any]) -> None:
+    bicubic = registry["versions"][("bicubic", 4)]
+    response = upload(client, files["png16"], scale=4, model_version=bicubic)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-medsr-model"] == "medsr-x4/bicubic" and response.headers["x-medsr-model-version"] == bicubic
+    assert_error(upload(client, files["png16"], scale=4, model_version=99), 422, "99")
+
+
+def test_2k_chest_xray_at_x4_in_bounded_memory(client: httpx.Client, service: ServiceProcess,
+                                               registry: dict[str, Any]) -> None:
+    """RG1_UNCI: chest CR 1955x1841, MONOCHROME1 -> 7820x7364 (57.6 MP), through the espcn champion."""
+    source = sample_file("pydicom-data", "RG1_UNCI.dcm")
+    response = upload(client, source, scale=4)
+    assert response.status_code == 200, response.text
+    out = pydicom.dcmread(io.BytesIO(response.content))
+    assert (out.Rows, out.Columns) == (1955 * 4, 1841 * 4)
+    assert out.PhotometricInterpretation == "MONOCHROME1" and out.ImageType[0] == "DERIVED"
+    assert float(response.headers["x-medsr-consistency-psnr"]) > 30.0
+    # Peak memory of the worker: tiles keep the network's activations small. Measured here: the
+    # tiled request peaks near 2.2 GiB in all; a whole-image ESPCN forward alone adds 2.8 GiB
+    # (64 channels x 3.6 MP x 4 B per layer), which would break this bound.
+    peaks = []
+    for pid in service.server_pids()[1:]:
+        status = Path(f"/proc/{pid}/status").read_text()
+        peaks.append(int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024)  # type: ignore[union-attr]
+    assert peaks and max(peaks) < 3.0 * 2**30, f"worker peak memory {max(peaks) / 2**30:.2f} GiB"
+
+
+# ----------------------------------------------------------------------------- /upscale_array
+
+
+def test_array_endpoint_lists_and_base64_with_consistency(client: httpx.Client) -> None:
+    rng = np.random.default_rng(5)
+    small = rng.random((12, 10)).round(4)
+    tile = rng.random((64, 48)).astype("<f4")
+    body = {"images": [{"image": small.tolist(), "scale": 2},
+                       {"data": base64.b64encode(tile.tobytes()).decode(), "shape": [64, 48], "scale": 4}]}
+    response = client.post("/upscale_array", json=body)
+    assert response.status_code == 200, response.text
+    first, second = response.json()
+    assert first["shape"] == [24, 20] and np.asarray(first["image"]).shape == (24, 20)
+    assert first["model"] == "medsr-x2/espcn" and first["scale"] == 2
+    decoded = np.frombuffer(base64.b64decode(second["data"]), "<f4").reshape(second["shape"])
+    assert decoded.shape == (256, 192) and 0.0 <= decoded.min() and decoded.max() <= 1.0
+    for result in (first, second):
+        assert result["consistency_psnr"] > 10.0 and isinstance(result["consistency_warning"], bool)
+
+
+def test_adaptive_batching_merges_concurrent_requests(client: httpx.Client, service: ServiceProcess) -> None:
+    tile = np.random.default_rng(6).random((48, 48)).astype("<f4")
+    body = {"images": [{"data": base64.b64encode(tile.tobytes()).decode(), "shape": [48, 48], "scale": 4}]}
+
+    def send(_: int) -> int:
+        with httpx.Client(base_url=service.url, timeout=120.0) as own:
+            return own.post("/upscale_array", json=body).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        statuses = list(pool.map(send, range(48)))
+    assert statuses == [200] * 48
+    text = client.get("/metrics").text
+    count = sum(float(v) for v in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="upscale_array"[^}]*\} (\S+)', text))
+    single = sum(float(v) for v in re.findall(
+        r'adaptive_batch_size_bucket\{[^}]*le="1\.0"[^}]*method_name="upscale_array"[^}]*\} (\S+)', text))
+    assert count > 0 and single < count, "no batch held more than one request"
+
+
+# ------------------------------------------------------------------------------------ /demo
+
+
+def test_demo_comparison_json(client: httpx.Client, files: dict[str, Path]) -> None:
+    known = upload(client, files["ct"], route="/demo", scale=4, noise=0.02, blur=0.8, known_original="true")
+    assert known.status_code == 200, known.text
+    body = known.json()
+    assert body["sizes"] == {"lr": [32, 32], "output": [128, 128]} and body["noise"]["kind"] == "poisson"
+    assert all(body["images"][k].startswith("data:image/png;base64,") for k in ("lr", "bicubic", "model", "original"))
+    assert set(body["scores"]) == {"bicubic", "model"} and 10.0 < body["scores"]["model"]["psnr"] < 60.0
+    assert body["consistency_psnr"] > 10.0 and body["request_id"] == known.headers["x-request-id"]
+
+    as_is = upload(client, files["ct"], route="/demo", scale=2, noise=0.0, blur=0.0, known_original="false").json()
+    assert as_is["scores"] == {} and as_is["images"]["original"] is None and as_is["sizes"]["output"] == [256, 256]
+    assert_error(upload(client, files["ct"], route="/demo", noise=3.0), 422, "noise")
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+def bad_requests(files: dict[str, Path]) -> dict[str, tuple[dict[str, Any], int, str]]:
+    """name -> (httpx request arguments, expected status, a word the error names)."""
+
+    def multipart(path: Path, **fields: Any) -> dict[str, Any]:
+        return {"method": "POST", "url": "/upscale", "files": {"file": (path.name, path.read_bytes())},
+                "data": {k: str(v) for k, v in fields.items()}}
+
+    def array(payload: Any) -> dict[str, Any]:
+        return {"method": "POST", "url": "/upscale_array", "content": json.dumps(payload).encode(),
+                "headers": {"content-type": "application/json"}}
+
+    return {
+        "truncated DICOM": (multipart(files["truncated_dicom"]), 400, "truncated"),
+        "corrupt DICOM": (multipart(files["corrupt_dicom"]), 400, "corrupt"),
+        "truncated PNG": (multipart(files["truncated_png"]), 400, "unreadable"),
+        "text file as image": (multipart(files["text"]), 415, "unsupported file type"),
+        "wrong content type": ({"method": "POST", "url": "/upscale", "content": b"hello",
+                                "headers": {"content-type": "text/plain"}}, 415, "content type"),
+        "garbage multipart": ({"method": "POST", "url": "/upscale", "content": b"not multipart at all",
+                               "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, 400, "multipart"),
+        "empty body": ({"method": "POST", "url": "/upscale", "content": b"",
+                        "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, 400, "empty"),
+        "no file field": ({"method": "POST", "url": "/upscale", "files": {"other": ("a.txt", b"x")},
+                           "data": {"scale": "4"}}, 400, "file"),
+        "over max_output_pixels": (multipart(files["too_large_png"]), 413, "max_output_pixels"),
+        "scale the model lacks": (multipart(files["png16"], scale=3), 422, "scale 3"),
+        "NaN pixels": (multipart(files["nan_tiff"]), 422, "non-finite"),
+        "4-frame DICOM": (multipart(files["four_frames"]), 422, "4 frames"),
+        "frame out of range": (multipart(files["four_frames"], frame=9), 422, "frame 9"),
+        "unknown model version": (multipart(files["png16"], model_version=12345), 422, "12345"),
+        "array not JSON": ({"method": "POST", "url": "/upscale_array", "content": b"{oops",
+                            "headers": {"content-type": "application/json"}}, 400, "json"),
+        "array NaN": (array({"images": [{"image": [[0.1, float("nan")]]}]}), 422, "nan"),
+        "array out of range": (array({"images": [{"image": [[0.1, 7.5]]}]}), 422, "[0, 1]"),
+        "array too large": (array({"images": [{"data": "AAAA", "shape": [5000, 5000]}]}), 413, "too large"),
+        "array scale the model lacks": (array({"images": [{"image": [[0.5]], "scale": 8}]}), 422, "scale 8"),
+    }
+
+
+BAD_NAMES = ["truncated DICOM", "corrupt DICOM", "truncated PNG", "text file as image", "wrong content type",
+             "garbage multipart", "empty body", "no file field", "over max_output_pixels", "scale the model lacks",
+             "NaN pixels", "4-frame DICOM", "frame out of range", "unknown model version", "array not JSON",
+             "array NaN", "array out of range", "array too large", "array scale the model lacks"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_input_gets_a_named_4xx(client: httpx.Client, files: dict[str, Path], name: str) -> None:
+    arguments, status, word = bad_requests(files)[name]
+    assert_error(client.request(**arguments), status, word)
+
+
+def _raw_http(port: int, head: bytes, body_chunks: list[bytes]) -> tuple[int, dict[str, Any]]:
+    """Send a request by hand (to lie about or stream the body); returns (status, JSON body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head)
+        try:
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the server answered and closed early, which is the point
+        data = b""
+        while chunk := sock.recv(65536):  # "Connection: close": the server closes after answering
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1] or b"{}")
+
+
+def test_upload_limit_declared_and_streamed(service: ServiceProcess) -> None:
+    boundary = "medsrboundary"
+    declared = (f"POST /upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}"
+                f"\r\nContent-Length: {MAX_UPLOAD_BYTES + 1}\r\nConnection: close\r\n\r\n").encode()
+    status, body = _raw_http(service.port, declared, [])
+    assert status == 413 and "max_upload_bytes" in body["error"], body
+
+    streamed = (f"POST /upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}"
+                "\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+    part = f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.dcm\"\r\n\r\n".encode()
+    block = b"\x00" * (4 * 1024 * 1024)
+    chunks = [f"{len(part):x}\r\n".encode() + part + b"\r\n"]
+    chunks += [f"{len(block):x}\r\n".encode() + block + b"\r\n"] * 10
+    status, body = _raw_http(service.port, streamed, chunks)
+    assert status == 413 and "max_upload_bytes" in body["error"], body
+
+
+def test_200_bad_requests_interleaved_with_good_ones(client: httpx.Client, service: ServiceProcess,
+                                                     files: dict[str, Path]) -> None:
+    workers_before = service.server_pids()
+    catalogue = bad_requests(files)
+    names = list(catalogue)
+    reference = upload(client, files["ct"], scale=4)
+    assert reference.status_code == 200
+    reference_pixels = pydicom.dcmread(io.BytesIO(reference.content)).pixel_array
+    good = 0
+    for index in range(200):
+        arguments, status, _word = catalogue[names[index % len(names)]]
+        response = client.request(**arguments)
+        assert response.status_code == status, (names[index % len(names)], response.text)
+        assert ERROR_KEYS <= set(response.json())
+        if index % 10 == 9:
+            answer = upload(client, files["ct"], scale=4)
+            assert answer.status_code == 200, answer.text
+            assert np.array_equal(pydicom.dcmread(io.BytesIO(answer.content)).pixel_array, reference_pixels)
+            assert answer.headers["x-medsr-consistency-psnr"] == reference.headers["x-medsr-consistency-psnr"]
+            good += 1
+    assert good == 20
+    assert service.server_pids() == workers_before, "a worker was restarted"
+    assert client.get("/readyz").status_code == 200
+
+
+# ---------------------------------------------------------------------------- Python client
+
+
+def test_bentoml_python_client(service: ServiceProcess, files: dict[str, Path]) -> None:
+    import bentoml
+
+    with bentoml.SyncHTTPClient(service.url, timeout=120) as medsr:
+        result = medsr.upscale(file=files["png16"], scale=2)
+        with Image.open(result) as image:
+            assert image.size == (80, 96)
+        arrays = medsr.upscale_array(images=[{"image": [[0.2, 0.4], [0.6, 0.8]], "scale": 4}])
+        assert arrays[0]["shape"] == [8, 8] and "consistency_psnr" in arrays[0]
+        with pytest.raises(bentoml.exceptions.BentoMLException, match="scale 3"):
+            medsr.upscale(file=files["png16"], scale=3)
+
+
+# -------------------------------------------------------------------------------- packaging
+
+
+def test_package_builds_a_bento_that_serves_the_champion(registry: dict[str, Any], files: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """`medsr package`: champions imported from the registry into a Bento, served without MLflow."""
+    env = {**os.environ, **QUIET_ENV, "BENTOML_HOME": str(tmp_path / "bentoml"), "MLFLOW_TRACKING_URI": registry["uri"],
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    built = subprocess.run([sys.executable, "-c", "import json; from medsr.inference import package_bento; "
+                            "tag, models = package_bento(); print(json.dumps([tag, models]))"],
+                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    bento_tag, models = json.loads(built.stdout.strip().splitlines()[-1])
+    assert bento_tag.startswith("medsr:") and set(models) == {"4", "2"}
+    # The registry is out of reach now: the Bento must carry its models.
+    with ServiceProcess(target=bento_tag, cwd=tmp_path, log_path=tmp_path / "bento.log", device="cpu",
+                        env={"BENTOML_HOME": env["BENTOML_HOME"],
+                             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty' / 'none.db'}"}) as bento:
+        with httpx.Client(base_url=bento.url, timeout=120) as http:
+            info = http.get("/info").json()
+            assert info["model_source"] == "bentoml" and info["models"]["4"]["version"] == "1"
+            response = upload(http, files["ct"], scale=4)
+            assert response.status_code == 200 and response.headers["x-medsr-model-version"] == "1"
+            assert_error(upload(http, files["ct"], scale=4, model_version=2), 422, "not in this bento")
+
+
+# ------------------------------------------------------------------------------------- logs
+
+
+def test_logs_hold_no_patient_identifiers(service: ServiceProcess, client: httpx.Client, files: dict[str, Path]) -> None:
+    """Runs last: by now the log holds every request above, many with the identifying file."""
+    assert upload(client, files["four_frames"]).status_code == 422
+    log_path = service.log_path
+    assert log_path is not None
+    shutil.copy(log_path, log_path.with_suffix(".copy"))  # the file is still being written
+    text = log_path.with_suffix(".copy").read_text(errors="replace")
+    assert "endpoint=/upscale" in text  # the log is the right one, and it logs requests
+    for secret in ("Janet", "Doe", PATIENT_ID, "SECRET", SECRET_FILE_NAME):
+        assert secret not in text, f"{secret!r} found in the service log"
