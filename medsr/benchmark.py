@@ -28,7 +28,7 @@ from medsr.training.trainer import predict_image
 LAYERS_WITH_MACS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
-def count_macs(model: nn.Module, lr_side: int = 64) -> int:
+def count_macs(model: nn.Module, lr_side: int = 32) -> int:
     """Multiply-accumulates of one forward pass on a ``lr_side`` square input (conv and linear layers).
 
     Hand-counted with forward hooks: the profilers that do this (thop, ptflops) are unmaintained.
@@ -53,11 +53,11 @@ def count_macs(model: nn.Module, lr_side: int = 64) -> int:
     return total
 
 
-def macs_per_output_megapixel(model: nn.Module, scale: int, lr_side: int = 64) -> float:
+def macs_per_output_megapixel(model: nn.Module, scale: int, lr_side: int = 32) -> float:
     return count_macs(model, lr_side) / ((lr_side * scale) ** 2 / 1e6)
 
 
-def cpu_latency_ms(model: nn.Module, side: int = 256, repeats: int = 5) -> float:
+def cpu_latency_ms(model: nn.Module, side: int = 256, repeats: int = 3) -> float:
     """Median wall time of one forward pass on a ``side`` x ``side`` LR input, on the CPU."""
     model = model.to("cpu").eval()
     x = torch.rand(1, 1, side, side)
@@ -77,26 +77,46 @@ def _scores(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     return scores
 
 
-def evaluate_generator(generator: nn.Module, pairs: PairSet, device: str = "cpu") -> dict[str, dict[str, float]]:
-    return _scores(evaluate_pairs(lambda lr: predict_image(generator, lr, device), pairs))
+def evaluation_indices(pairs: PairSet, max_per_modality: int | None) -> list[int] | None:
+    """Every pair, or at most ``max_per_modality`` evenly spaced pairs of each modality (quick runs)."""
+    if max_per_modality is None:
+        return None
+    chosen: list[int] = []
+    for modality in pairs.modalities():
+        members = [i for i, p in enumerate(pairs.pairs) if p["modality"] == modality]
+        picks = np.linspace(0, len(members) - 1, min(max_per_modality, len(members))).round().astype(int)
+        chosen += [members[i] for i in sorted(set(picks.tolist()))]
+    return sorted(chosen)
+
+
+def evaluate_generator(generator: nn.Module, pairs: PairSet, device: str = "cpu",
+                       max_per_modality: int | None = None) -> dict[str, dict[str, float]]:
+    indices = evaluation_indices(pairs, max_per_modality)
+    return _scores(evaluate_pairs(lambda lr: predict_image(generator, lr, device), pairs, indices=indices))
 
 
 def benchmark(models: Sequence[str], scales: Sequence[int], pairs_root: Path, models_root: Path,
-              *, latency_side: int = 256, device: str = "cpu") -> dict[str, Any]:
-    """Score each trained model and bicubic on test (and val) ``standard`` pairs, per modality."""
+              *, latency_side: int = 256, device: str = "cpu", max_per_modality: int | None = None) -> dict[str, Any]:
+    """Score each trained model and bicubic on test (and val) ``standard`` pairs, per modality.
+
+    ``max_per_modality`` limits each modality to that many evenly spaced images (smoke runs);
+    the default, None, scores every image.
+    """
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
     for scale in scales:
         split_sets = {split: PairSet(pairs_root / split / f"x{scale}" / "standard") for split in ("test", "val")}
         baseline = build_generator("bicubic", scale)
-        reference = {split: evaluate_generator(baseline, pairs, device) for split, pairs in split_sets.items()}
+        reference = {split: evaluate_generator(baseline, pairs, device, max_per_modality)
+                     for split, pairs in split_sets.items()}
         for name in ("bicubic", *models):
             if name == "bicubic":
                 generator, info = baseline, {}
             else:
                 checkpoint = models_root / name / f"x{scale}" / "best.pt"
                 generator, info = load_generator(checkpoint, device), checkpoint_info(checkpoint)
-            scores = {split: (reference[split] if name == "bicubic" else evaluate_generator(generator, pairs, device))
+            scores = {split: (reference[split] if name == "bicubic"
+                              else evaluate_generator(generator, pairs, device, max_per_modality))
                       for split, pairs in split_sets.items()}
             details.setdefault(name, {})[f"x{scale}"] = {
                 "params": count_parameters(generator),

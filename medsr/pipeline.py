@@ -183,7 +183,9 @@ def benchmark_stage(params: dict[str, Any]) -> dict[str, Any]:
     scales = [int(s) for s in section(params, "degrade.scales")]
     cfg = params.get("benchmark", {})
     models = [m for m in cfg.get("models", TRAINED_MODELS)]
-    report = benchmark(models, scales, PAIRS_DIR, MODELS_DIR, latency_side=int(cfg.get("latency_side", 256)))
+    limit = cfg.get("max_images_per_modality")
+    report = benchmark(models, scales, PAIRS_DIR, MODELS_DIR, latency_side=int(cfg.get("latency_side", 256)),
+                       max_per_modality=None if limit is None else int(limit))
     write_json(METRICS_DIR / "benchmark.json", report)
     plots = Path("plots")
     with atomic_path(plots / "psnr.csv", suffix=".csv") as tmp, tmp.open("w", newline="") as handle:

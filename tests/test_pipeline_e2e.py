@@ -43,6 +43,7 @@ def copy_repo(dest: Path, profile: str = "smoke") -> Path:
     (dest / "dvc.lock").unlink(missing_ok=True)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["train"]["profile"] = profile
+    params["benchmark"].update(latency_side=64, max_images_per_modality=2)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc(["config", "--local", "core.site_cache_dir", str(dest.parent / "dvc-site")], dest)
     return dest

@@ -60,6 +60,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA with AMP when available), "cpu", "cuda", "cuda:N"
     amp: bool = True  # mixed precision on CUDA; never on CPU
     augment: bool = True  # random flips and 90-degree rotations of training patches
+    blind_fraction: float = 1.0  # blind-trained models: share of blind pairs, the rest standard
     model_options: dict[str, Any] = field(default_factory=dict)
     discriminator_options: dict[str, Any] = field(default_factory=dict)
     feature_weights: str | None = None  # VGG19 weights file for the perceptual loss

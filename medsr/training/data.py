@@ -46,7 +46,7 @@ class PatchBatches(IterableDataset):
 
     def __init__(self, pairs_root: str | Path, *, kind: str, target_scale: int, batch_size: int, lr_patch: int,
                  seed: int, first_step: int, last_step: int, total_steps: int, augment: bool = True,
-                 curriculum: Curriculum | None = None) -> None:
+                 curriculum: Curriculum | None = None, blind_fraction: float = 1.0) -> None:
         super().__init__()
         self.kind = kind
         self.target_scale = target_scale
@@ -57,8 +57,14 @@ class PatchBatches(IterableDataset):
         self.total_steps = total_steps
         self.augment = augment
         self.curriculum = curriculum
-        # The curriculum trains on standard and blind pairs at x2 and at the target scale.
-        if curriculum is None:
+        if not 0.0 <= blind_fraction <= 1.0:
+            raise ValueError(f"blind_fraction must be in [0, 1], got {blind_fraction}")
+        self.blind_fraction = blind_fraction
+        # The curriculum trains on standard and blind pairs at x2 and at the target scale; a
+        # blind-trained model may mix in standard pairs so its blind range covers the mild end too.
+        if curriculum is None and kind == "blind" and blind_fraction < 1.0:
+            wanted = [(target_scale, "standard"), (target_scale, "blind")]
+        elif curriculum is None:
             wanted = [(target_scale, kind)]
         else:
             wanted = [(s, k) for s in sorted({2, target_scale}) for k in ("standard", "blind")]
@@ -70,14 +76,20 @@ class PatchBatches(IterableDataset):
             if pairs.scale != scale:
                 raise ValueError(f"{pairs.folder}: index says scale {pairs.scale}, folder says x{scale}")
             self.sources[(scale, pair_kind)] = pairs
-        # One patch side for every batch, so patches of small images still stack.
-        smallest = min(min(p["lr_shape"]) for pairs in self.sources.values() for p in pairs.pairs)
-        self.lr_patch = min(lr_patch, smallest)
+        # One patch side for every batch, so patches stack: images smaller than the patch are left
+        # out (a 64-px MRI frame's VLR at x4 is 4 px); only if a set has none large enough does the
+        # patch shrink to fit every image.
+        self.lr_patch = lr_patch
+        self.eligible = {key: [i for i, p in enumerate(pairs.pairs) if min(p["lr_shape"]) >= lr_patch]
+                         for key, pairs in self.sources.items()}
+        if not all(self.eligible.values()):
+            self.lr_patch = min(lr_patch, min(min(p["lr_shape"]) for pairs in self.sources.values() for p in pairs.pairs))
+            self.eligible = {key: list(range(len(pairs))) for key, pairs in self.sources.items()}
 
     def plan(self, step: int) -> StepPlan:
         """Scale and blind-pair probability of ``step`` (1-based)."""
         if self.curriculum is None:
-            return StepPlan(self.target_scale, 1.0 if self.kind == "blind" else 0.0)
+            return StepPlan(self.target_scale, self.blind_fraction if self.kind == "blind" else 0.0)
         progress = (step - 1) / max(self.total_steps - 1, 1)
         stage = self.curriculum(progress, self.target_scale)
         return StepPlan(int(stage["scale"]), float(stage["degradation_strength"]))
@@ -89,11 +101,12 @@ class PatchBatches(IterableDataset):
         lr_batch, hr_batch = [], []
         blind_count = 0
         for _ in range(self.batch_size):
-            blind = self.curriculum is not None and rng.random() < plan.blind_probability
-            kind = "blind" if blind else ("standard" if self.curriculum is not None else self.kind)
+            mixing = self.curriculum is not None or (self.kind == "blind" and self.blind_fraction < 1.0)
+            blind = mixing and rng.random() < plan.blind_probability
+            kind = "blind" if blind else ("standard" if mixing else self.kind)
             blind_count += kind == "blind"
-            pairs = self.sources[(plan.scale, kind)]
-            lr, hr = pairs.patch(int(rng.integers(len(pairs))), self.lr_patch, rng)
+            pairs, eligible = self.sources[(plan.scale, kind)], self.eligible[(plan.scale, kind)]
+            lr, hr = pairs.patch(eligible[int(rng.integers(len(eligible)))], self.lr_patch, rng)
             if self.augment:
                 turns, flip = int(rng.integers(4)), bool(rng.integers(2))
                 lr, hr = np.rot90(lr, turns, axes=(1, 2)), np.rot90(hr, turns, axes=(1, 2))

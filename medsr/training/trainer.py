@@ -398,7 +398,8 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
         dataset = PatchBatches(config.pairs_root, kind=run.spec.training_pairs, target_scale=config.scale,
                                batch_size=config.batch_size, lr_patch=config.lr_patch, seed=config.seed,
                                first_step=start + 1, last_step=stop, total_steps=config.steps,
-                               augment=config.augment, curriculum=run.curriculum)
+                               augment=config.augment, curriculum=run.curriculum,
+                               blind_fraction=config.blind_fraction)
         loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
                             pin_memory=run.device.type == "cuda")
         progress = tqdm(total=config.steps, initial=start, desc=f"{config.model} x{config.scale}", unit="step",
