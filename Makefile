@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv run test test-fast bench dag clean serve package
+.PHONY: venv run test test-fast bench dag clean serve package schedule mlflow-ui
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,7 @@ venv: $(STAMP)
 run: venv
 	dvc repro
 	medsr summary
+	medsr registry champions
 
 test: venv
 	$(PY) -m pytest -q
@@ -40,6 +41,7 @@ bench: venv
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_models.py
 	$(PY) benchmarks/bench_serving.py
+	$(PY) benchmarks/bench_orchestration.py
 
 # Serves the registry's champion (run `make run` first) on 127.0.0.1:3000.
 serve: venv
@@ -53,3 +55,14 @@ dag: venv
 
 clean:
 	rm -rf data metrics/*.json reports
+
+CRON ?= 0 3 * * 0
+MLFLOW_PORT ?= 5000
+
+# Serves the retrain flow as a Prefect deployment on that cron (UI on http://127.0.0.1:4200).
+schedule: venv
+	medsr schedule --cron "$(CRON)"
+
+mlflow-ui: venv
+	mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlartifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1

@@ -192,5 +192,14 @@ def summary() -> None:
     print_results()
 
 
+def _mount_orchestration() -> None:
+    from medsr.registry_cli import registry_app, schedule_command
+
+    app.add_typer(registry_app, name="registry")
+    app.command("schedule")(schedule_command)
+
+
+_mount_orchestration()
+
 if __name__ == "__main__":
     app()
