@@ -53,7 +53,7 @@ def main() -> None:
     from medsr.atomic import write_json
     from medsr.models import build_generator
     from medsr.params import load_params
-    from medsr.pipeline import TRAINED_MODELS
+    from medsr.training.stage import TRAINED_MODELS
     from medsr.training import TrainConfig
 
     os.chdir(REPO)

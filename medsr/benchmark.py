@@ -8,6 +8,7 @@ multiply-accumulates per output megapixel and CPU latency for a 256x256 input.
 
 from __future__ import annotations
 
+import csv
 import statistics
 import time
 from collections.abc import Sequence
@@ -18,11 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsr.atomic import atomic_path
+from medsr.atomic import atomic_path, write_json
 from medsr.data.pairs import PairSet
 from medsr.metrics import evaluate_pairs
 from medsr.models import build_generator, count_parameters
 from medsr.training.checkpoint import checkpoint_info, load_generator
+from medsr.params import section
+from medsr.pipeline import METRICS_DIR, PAIRS_DIR
+from medsr.training.stage import MODELS_DIR, TRAINED_MODELS
 from medsr.training.trainer import predict_image
 
 LAYERS_WITH_MACS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
@@ -188,3 +192,24 @@ def sample_crops(models: Sequence[str], scale: int, pairs_root: Path, models_roo
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return out
+
+
+def benchmark_stage(params: dict[str, Any]) -> dict[str, Any]:
+    """Score every trained model and bicubic on the test split; write metrics and plots."""
+    scales = [int(s) for s in section(params, "degrade.scales")]
+    cfg = params.get("benchmark", {})
+    models = [m for m in cfg.get("models", TRAINED_MODELS)]
+    limit = cfg.get("max_images_per_modality")
+    report = benchmark(models, scales, PAIRS_DIR, MODELS_DIR, latency_side=int(cfg.get("latency_side", 256)),
+                       max_per_modality=None if limit is None else int(limit))
+    write_json(METRICS_DIR / "benchmark.json", report)
+    plots = Path("plots")
+    with atomic_path(plots / "psnr.csv", suffix=".csv") as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["series", "modality", "model", "scale", "psnr", "ssim", "gain_db"])
+        writer.writeheader()
+        for row in report["results"]:
+            writer.writerow({"series": f"{row['model']} x{row['scale']}", "modality": row["modality"], "model": row["model"],
+                             "scale": row["scale"], "psnr": row["psnr"], "ssim": row["ssim"], "gain_db": row["gain_db"]})
+    for scale in scales:
+        sample_crops(models, scale, PAIRS_DIR, MODELS_DIR, plots / f"crops_x{scale}.png")
+    return report

@@ -84,7 +84,7 @@ def train(model: str = typer.Argument(..., help="espcn, srgan, swift_srgan, brai
           profile: str = typer.Option(None, "--profile", help="Override train.profile (sample, full, ...)."),
           device: str = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")) -> None:
     """Train one model at every scale; logged to MLflow; resumes a killed run from its checkpoint."""
-    from medsr.pipeline import train_stage
+    from medsr.training.stage import train_stage
 
     def run(p: dict[str, Any]) -> dict[str, Any]:
         if device:
@@ -100,7 +100,7 @@ def train(model: str = typer.Argument(..., help="espcn, srgan, swift_srgan, brai
 @app.command()
 def benchmark(params: Path = ParamsOption) -> None:
     """Score every trained model and bicubic on the test split (metrics/benchmark.json, plots/)."""
-    from medsr.pipeline import benchmark_stage
+    from medsr.benchmark import benchmark_stage
 
     run_stage("benchmark", benchmark_stage, params)
     print_results()

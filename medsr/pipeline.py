@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from medsr.atomic import atomic_dir, atomic_path, write_json, write_text
+from medsr.atomic import atomic_dir, write_json, write_text
 from medsr.data import MODALITIES
 from medsr.data.ingest import TABLE_NAME, IngestOptions, ingest
 from medsr.data.sources.errors import SourceError
@@ -135,65 +135,3 @@ def degrade_stage(params: dict[str, Any]) -> dict[str, Any]:
     write_json(METRICS_DIR / "degrade.json", summary)
     return summary
 
-
-MODELS_DIR = Path("models")
-TRAINED_MODELS: tuple[str, ...] = ("espcn", "srgan", "swift_srgan", "brainsr", "blimsr", "residual_cnn")
-
-
-def _config_digest(config: Any) -> str:
-    import hashlib
-    import json
-
-    relevant = {k: v for k, v in config.to_dict().items() if k not in ("resume", "quiet", "num_workers", "device")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def train_stage(params: dict[str, Any], model: str, *, profile: str | None = None) -> dict[str, Any]:
-    """Train ``model`` at every scale in degrade.scales, tracked in MLflow; resumes a killed run."""
-    from medsr.models import MODEL_NAMES
-    from medsr.training import TrainConfig
-    from medsr.training.tracked import train_tracked
-
-    if model not in TRAINED_MODELS:
-        raise StageFailed(f"unknown model {model!r}: choose one of {', '.join(TRAINED_MODELS)}"
-                          + (" (bicubic is the untrained baseline)" if model in MODEL_NAMES else ""))
-    results: dict[str, Any] = {}
-    for scale in section(params, "degrade.scales"):
-        config = TrainConfig.from_params(params, model, int(scale), profile=profile)
-        out_dir = Path(config.out_dir)
-        marker = out_dir / "config.sha256"
-        digest = _config_digest(config)
-        # models/<name> persists across `dvc repro` so a killed run resumes; a changed config must not.
-        if marker.is_file() and marker.read_text().strip() != digest:
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(marker, digest + "\n")
-        results[f"x{scale}"] = train_tracked(config, params)
-    summary = {"model": model, "scales": results}
-    write_json(METRICS_DIR / "train" / f"{model}.json", summary)
-    return summary
-
-
-def benchmark_stage(params: dict[str, Any]) -> dict[str, Any]:
-    """Score every trained model and bicubic on the test split; write metrics and plots."""
-    import csv
-
-    from medsr.benchmark import benchmark, sample_crops
-
-    scales = [int(s) for s in section(params, "degrade.scales")]
-    cfg = params.get("benchmark", {})
-    models = [m for m in cfg.get("models", TRAINED_MODELS)]
-    limit = cfg.get("max_images_per_modality")
-    report = benchmark(models, scales, PAIRS_DIR, MODELS_DIR, latency_side=int(cfg.get("latency_side", 256)),
-                       max_per_modality=None if limit is None else int(limit))
-    write_json(METRICS_DIR / "benchmark.json", report)
-    plots = Path("plots")
-    with atomic_path(plots / "psnr.csv", suffix=".csv") as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["series", "modality", "model", "scale", "psnr", "ssim", "gain_db"])
-        writer.writeheader()
-        for row in report["results"]:
-            writer.writerow({"series": f"{row['model']} x{row['scale']}", "modality": row["modality"], "model": row["model"],
-                             "scale": row["scale"], "psnr": row["psnr"], "ssim": row["ssim"], "gain_db": row["gain_db"]})
-    for scale in scales:
-        sample_crops(models, scale, PAIRS_DIR, MODELS_DIR, plots / f"crops_x{scale}.png")
-    return report

@@ -1,4 +1,4 @@
-"""DVC stage `benchmark`: a thin entry point over medsr.pipeline.benchmark_stage (see dvc.yaml)."""
+"""DVC stage `benchmark`: a thin entry point over medsr.benchmark.benchmark_stage (see dvc.yaml)."""
 
 from medsr.cli import stage_main
 

@@ -1,4 +1,4 @@
-"""DVC stage `train@<model>`: a thin entry point over medsr.pipeline.train_stage (see dvc.yaml)."""
+"""DVC stage `train@<model>`: a thin entry point over medsr.training.stage.train_stage (see dvc.yaml)."""
 
 from medsr.cli import stage_main
 

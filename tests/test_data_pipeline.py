@@ -4,7 +4,6 @@ in, split without leakage, degrade byte-identically; and the DVC pipeline itself
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -126,7 +125,7 @@ def test_split_and_degrade_on_the_sample(sample_interim: Path, tmp_path: Path) -
 @pytest.mark.slow
 def test_missing_local_folder_stops_download_with_one_line(tmp_path: Path) -> None:
     params = (REPO_ROOT / "params.yaml").read_text()
-    params = params.replace("    kind: sample\n", f"    kind: local\n", 1).replace('local: {path: ""}', f'local: {{path: "{tmp_path}/nowhere"}}', 1)
+    params = params.replace("    kind: sample\n", "    kind: local\n", 1).replace('local: {path: ""}', f'local: {{path: "{tmp_path}/nowhere"}}', 1)
     (tmp_path / "params.yaml").write_text(params)
     proc = subprocess.run([sys.executable, "-m", "medsr.cli", "download"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
