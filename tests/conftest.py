@@ -46,7 +46,8 @@ def sample_interim(sample_raw: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> None:
-    """Two cores are shared with DataLoader workers and subprocesses: one thread avoids oversubscription."""
+    """One intra-op thread for in-process tests: with two, OpenMP spin-waiting on a shared 2-core machine
+    makes small models several times slower (and DataLoader workers compete for the same cores)."""
     import torch
 
     torch.set_num_threads(1)

@@ -32,16 +32,6 @@ from medsr.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes tiny models
-    several times slower with 2 threads than with 1."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def camera_batch(size: int = 48, noise: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
     """(sr, hr): a photograph crop (N=2, two different crops) and a noisy copy, float32 (2, 1, H, W)."""
     image = skimage.data.camera().astype(np.float32) / 255.0

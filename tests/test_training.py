@@ -26,15 +26,6 @@ from medsr.training import (
     train_generator,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes tiny models
-    several times slower with 2 threads than with 1."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 TINY_SRGAN = {"model_options": {"n_feats": 8, "n_blocks": 1},
               "discriminator_options": {"features": (8, 8), "hidden": 16}}

@@ -8,7 +8,8 @@ step order.
 
 A batch is ``{"lr": (B, 1, p, p), "hr": (B, 1, p*s, p*s), "step": k, "scale": s,
 "blind_fraction": f}``. One batch has one scale (the BrainSR curriculum changes it between
-steps) and mixes standard and blind pairs with probability ``degradation_strength``.
+steps) and mixes standard and blind pairs with probability ``degradation_strength`` times the
+config's ``blind_fraction``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class PatchBatches(IterableDataset):
             return StepPlan(self.target_scale, self.blind_fraction if self.kind == "blind" else 0.0)
         progress = (step - 1) / max(self.total_steps - 1, 1)
         stage = self.curriculum(progress, self.target_scale)
-        return StepPlan(int(stage["scale"]), float(stage["degradation_strength"]))
+        # blind_fraction caps the curriculum's end point: the model is judged on standard pairs too.
+        return StepPlan(int(stage["scale"]), float(stage["degradation_strength"]) * self.blind_fraction)
 
     def batch(self, step: int) -> dict[str, Any]:
         """The batch of ``step``; a pure function of ``(seed, step)``."""
