@@ -3,6 +3,7 @@ flows all call these, so each step's logic lives once."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ def _fetch(modality: str, spec: dict[str, Any], dest: Path, download: dict[str, 
     kind = spec.get("kind", "sample")
     marker = dest / ".medsr-source.json"
     # data/raw persists between runs (so Kaggle downloads resume); a change of kind starts afresh.
-    if marker.is_file() and pd.read_json(marker, typ="series").get("kind") != kind:
+    if marker.is_file() and json.loads(marker.read_text()).get("kind") != kind:
         shutil.rmtree(dest)
     dest.mkdir(parents=True, exist_ok=True)
     if kind == "sample":
