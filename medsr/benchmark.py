@@ -11,23 +11,29 @@ from __future__ import annotations
 import csv
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from medsr.atomic import atomic_path, write_json
+from medsr.consistency import ConsistencySettings, refine
+from medsr.data.pairing import EVAL_SPLITS, TRACKS
 from medsr.data.pairs import PairSet
-from medsr.metrics import evaluate_pairs
+from medsr.data.split import file_label
+from medsr.evaluation import HeldOutImage, evaluate_images, summarize
 from medsr.models import build_generator, count_parameters
-from medsr.training.checkpoint import checkpoint_info, load_generator
 from medsr.params import section
-from medsr.pipeline import METRICS_DIR, PAIRS_DIR
+from medsr.pipeline import METRICS_DIR, PAIRS_DIR, SPLIT_DIR
+from medsr.training.checkpoint import checkpoint_info, load_generator
 from medsr.training.stage import MODELS_DIR, TRAINED_MODELS
 from medsr.training.trainer import predict_image
+
+RAW_SUFFIX = ":raw"  # the network's output before the consistency step, in the ablation rows
 
 LAYERS_WITH_MACS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
@@ -75,16 +81,10 @@ def cpu_latency_ms(model: nn.Module, side: int = 256, repeats: int = 3) -> float
     return statistics.median(times)
 
 
-def _scores(result: dict[str, Any]) -> dict[str, dict[str, float]]:
-    scores = {m: {"psnr": v["psnr"], "ssim": v["ssim"], "count": v["count"]} for m, v in result["per_modality"].items()}
-    scores["all"] = {"psnr": result["psnr"], "ssim": result["ssim"], "count": result["count"]}
-    return scores
-
-
-def evaluation_indices(pairs: PairSet, max_per_modality: int | None) -> list[int] | None:
+def evaluation_indices(pairs: PairSet, max_per_modality: int | None) -> list[int]:
     """Every pair, or at most ``max_per_modality`` evenly spaced pairs of each modality (quick runs)."""
     if max_per_modality is None:
-        return None
+        return list(range(len(pairs)))
     chosen: list[int] = []
     for modality in pairs.modalities():
         members = [i for i, p in enumerate(pairs.pairs) if p["modality"] == modality]
@@ -93,81 +93,137 @@ def evaluation_indices(pairs: PairSet, max_per_modality: int | None) -> list[int
     return sorted(chosen)
 
 
-def evaluate_generator(generator: nn.Module, pairs: PairSet, device: str = "cpu",
-                       max_per_modality: int | None = None) -> dict[str, dict[str, float]]:
-    indices = evaluation_indices(pairs, max_per_modality)
-    return _scores(evaluate_pairs(lambda lr: predict_image(generator, lr, device), pairs, indices=indices))
+def held_out_images(pairs_root: Path, split: str, scale: int, track: str, sources: Mapping[str, str],
+                    max_per_modality: int | None = None) -> list[HeldOutImage]:
+    """The images of ``<split>/x<scale>/<track>``; ``sources`` maps image id to its file label."""
+    pairs = PairSet(pairs_root / split / f"x{scale}" / track)
+    return [HeldOutImage(key=pairs.pairs[i]["id"], modality=pairs.pairs[i]["modality"],
+                         source=sources.get(pairs.pairs[i]["id"], pairs.pairs[i]["id"]), track=track,
+                         hr=pairs.hr(i), lr=pairs.lr(i))
+            for i in evaluation_indices(pairs, max_per_modality)]
+
+
+def model_outputs(generator: nn.Module, name: str, scale: int, consistency: ConsistencySettings,
+                  device: str = "cpu") -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """LR -> {name: the served output, name + RAW_SUFFIX: the network alone} (one forward for both)."""
+
+    def outputs(lr: np.ndarray) -> dict[str, np.ndarray]:
+        raw = predict_image(generator, lr, device)
+        if not consistency.enabled:
+            return {name: raw}
+        return {name: refine(raw, lr, scale, consistency), name + RAW_SUFFIX: raw}
+
+    return outputs
+
+
+def image_sources(split_table: Path) -> dict[str, str]:
+    """Image id -> file label (:func:`medsr.data.split.file_label`) from the split table, when present."""
+    if not split_table.is_file():
+        return {}
+    table = pd.read_parquet(split_table, columns=["id", "path", "source"])
+    return {i: file_label(str(p), str(s)) for i, p, s in zip(table["id"], table["path"], table["source"], strict=True)}
 
 
 def benchmark(models: Sequence[str], scales: Sequence[int], pairs_root: Path, models_root: Path,
-              *, latency_side: int = 256, device: str = "cpu", max_per_modality: int | None = None) -> dict[str, Any]:
-    """Score each trained model and bicubic on test (and val) ``standard`` pairs, per modality.
+              *, tracks: Sequence[str] = TRACKS, consistency: ConsistencySettings = ConsistencySettings(),
+              sources: Mapping[str, str] | None = None, latency_side: int = 256, device: str = "cpu",
+              max_per_modality: int | None = None) -> dict[str, Any]:
+    """Score each trained model and bicubic on the test and val tracks, per modality.
 
-    ``max_per_modality`` limits each modality to that many evenly spaced images (smoke runs);
-    the default, None, scores every image.
+    ``results``: test rows per model, scale, track and modality (and ``all``), each with
+    ``images``, ``files``, PSNR/SSIM, bicubic's, ``gain_db``, ``ssim_gain``, foreground scores for
+    CT/MRI, and the same cell's validation gains. ``validation``: the val rows (what the registry
+    selects on). ``ablation``: each model without the consistency step. ``images``: the image
+    keys behind every cell. ``max_per_modality`` limits each set to evenly spaced images (smoke runs).
     """
+    sources = dict(sources or {})
     rows: list[dict[str, Any]] = []
+    image_keys: dict[str, Any] = {}
     details: dict[str, Any] = {}
     for scale in scales:
-        split_sets = {split: PairSet(pairs_root / split / f"x{scale}" / "standard") for split in ("test", "val")}
+        sets = {(split, track): held_out_images(pairs_root, split, scale, track, sources, max_per_modality)
+                for split in EVAL_SPLITS for track in tracks}
+        for (split, track), images in sets.items():
+            keys = image_keys.setdefault(f"x{scale}", {}).setdefault(split, {}).setdefault(track, {})
+            for image in images:
+                keys.setdefault(image.modality, []).append(image.key)
         baseline = build_generator("bicubic", scale)
-        reference = {split: evaluate_generator(baseline, pairs, device, max_per_modality)
-                     for split, pairs in split_sets.items()}
+        records = {split: [] for split in EVAL_SPLITS}
+        for (split, _track), images in sets.items():
+            records[split] += evaluate_images(lambda lr: {"bicubic": predict_image(baseline, lr, device)}, images, scale)
         for name in ("bicubic", *models):
             if name == "bicubic":
                 generator, info = baseline, {}
             else:
                 checkpoint = models_root / name / f"x{scale}" / "best.pt"
                 generator, info = load_generator(checkpoint, device), checkpoint_info(checkpoint)
-            scores = {split: (reference[split] if name == "bicubic"
-                              else evaluate_generator(generator, pairs, device, max_per_modality))
-                      for split, pairs in split_sets.items()}
+                outputs = model_outputs(generator, name, scale, consistency, device)
+                for (split, _track), images in sets.items():
+                    records[split] += evaluate_images(outputs, images, scale)
             details.setdefault(name, {})[f"x{scale}"] = {
                 "params": count_parameters(generator),
                 "macs_per_output_mpixel": macs_per_output_megapixel(generator, scale) if name != "bicubic" else 0.0,
                 "cpu_latency_ms_256": round(cpu_latency_ms(generator, latency_side), 2),
                 "trained_steps": info.get("step"),
+                "phase": info.get("phase", "pixel" if name != "bicubic" else None),
                 "best_val_psnr": info.get("best_val_psnr"),
                 "feature_loss": info.get("feature_loss"),
             }
             generator.to(device)
-            for modality, test in scores["test"].items():
-                val = scores["val"].get(modality, {})
-                rows.append({
-                    "model": name, "scale": scale, "modality": modality, "images": int(test["count"]),
-                    "psnr": round(test["psnr"], 4), "ssim": round(test["ssim"], 4),
-                    "bicubic_psnr": round(reference["test"][modality]["psnr"], 4),
-                    "bicubic_ssim": round(reference["test"][modality]["ssim"], 4),
-                    "gain_db": round(test["psnr"] - reference["test"][modality]["psnr"], 4),
-                    "ssim_gain": round(test["ssim"] - reference["test"][modality]["ssim"], 4),
-                    "val_psnr": round(val.get("psnr", float("nan")), 4),
-                    "val_gain_db": round(val.get("psnr", float("nan")) - reference["val"].get(modality, {}).get("psnr", float("nan")), 4),
-                })
-    return {"definition": DEFINITION, "results": rows, "models": details}
+        for split in EVAL_SPLITS:
+            for row in summarize(records[split]):
+                raw = row["model"].endswith(RAW_SUFFIX)
+                model = row["model"].removesuffix(RAW_SUFFIX)
+                rows.append({**row, "model": model, "scale": scale, "split": split,
+                             "consistency": bool(consistency.enabled and not raw and model != "bicubic"),
+                             "phase": details.get(model, {}).get(f"x{scale}", {}).get("phase")})
+    def cell(r: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (r["model"], r["scale"], r["track"], r["modality"], r["consistency"])
+
+    served = [r for r in rows if r["consistency"] or r["model"] == "bicubic" or not consistency.enabled]
+    val = {cell(r): r for r in served if r["split"] == "val"}
+    results = []
+    for r in served:
+        if r["split"] != "test":
+            continue
+        v = val.get(cell(r), {})
+        results.append({**r, "val_gain_db": v.get("gain_db"), "val_ssim_gain": v.get("ssim_gain"),
+                        "val_images": v.get("images", 0)})
+    ablation = [r for r in rows if r not in served]
+    return {"definition": DEFINITION, "tracks": list(tracks), "consistency": consistency.as_dict(),
+            "results": results, "validation": [r for r in served if r["split"] == "val"],
+            "ablation": ablation, "images": image_keys, "models": details}
 
 
-DEFINITION = ("PSNR/SSIM on whole test images of the `standard` pairs, 1 channel, data range 1.0, border of `scale` "
+DEFINITION = ("Held-out images (test and val hold whole files, or regions of a one-file modality separated by a gap), "
+              "two tracks: clean = antialiased bicubic down only; realistic = Gaussian blur degrade.blur_sigma, "
+              "antialiased bicubic down, the modality's noise. PSNR/SSIM 1 channel, data range 1.0, border of `scale` "
               "pixels cropped, mean of per-image scores; SSIM: scikit-image, Gaussian window sigma 1.5 (11 taps), "
-              "use_sample_covariance=False (Wang et al. 2004). gain_db = model PSNR - bicubic PSNR on the same images.")
+              "use_sample_covariance=False (Wang et al. 2004). gain_db = model PSNR - bicubic PSNR on the same images; "
+              "*_fg: inside an Otsu body/brain mask of the HR image (CT, MRI). images/files: how many images and "
+              "source files are behind each number. Models are scored with the consistency step of params "
+              "`consistency` (rows `consistency: true`); `ablation` holds the network alone.")
 
 
-def sample_crops(models: Sequence[str], scale: int, pairs_root: Path, models_root: Path, out: Path,
+def sample_crops(models: Sequence[str], scale: int, pairs_root: Path, models_root: Path, out: Path, *,
+                 tracks: Sequence[str] = TRACKS, consistency: ConsistencySettings = ConsistencySettings(),
                  crop: int = 96, per_modality: int = 1) -> Path:
-    """A grid of test crops: one row per modality, columns LR | bicubic | each model | HR."""
+    """A grid of test crops: one row per track and modality, columns LR | bicubic | each model | HR."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = PairSet(pairs_root / "test" / f"x{scale}" / "standard")
-    picks: list[int] = []
-    for modality in pairs.modalities():
-        picks += [i for i, p in enumerate(pairs.pairs) if p["modality"] == modality][:per_modality]
     generators = {"bicubic": build_generator("bicubic", scale)}
     generators.update({name: load_generator(models_root / name / f"x{scale}" / "best.pt") for name in models})
+    picks: list[tuple[str, PairSet, int]] = []
+    for track in tracks:
+        pairs = PairSet(pairs_root / "test" / f"x{scale}" / track)
+        for modality in pairs.modalities():
+            picks += [(track, pairs, i) for i, p in enumerate(pairs.pairs) if p["modality"] == modality][:per_modality]
     columns = ["LR", *generators, "HR"]
     fig, axes = plt.subplots(len(picks), len(columns), figsize=(1.9 * len(columns), 2.0 * len(picks)), squeeze=False)
-    for row, i in enumerate(picks):
+    for row, (track, pairs, i) in enumerate(picks):
         hr, lr = pairs.hr(i), pairs.lr(i)
         h, w = hr.shape[-2:]
         y0, x0 = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
@@ -175,7 +231,10 @@ def sample_crops(models: Sequence[str], scale: int, pairs_root: Path, models_roo
         window = (slice(y0, y0 + crop), slice(x0, x0 + crop))
         panels = {"LR": np.kron(lr[0], np.ones((scale, scale), np.float32))[window], "HR": hr[0][window]}
         for name, generator in generators.items():
-            panels[name] = predict_image(generator, lr)[0][window]
+            sr = predict_image(generator, lr)
+            if name != "bicubic":
+                sr = refine(sr, lr, scale, consistency)
+            panels[name] = sr[0][window]
         for col, name in enumerate(columns):
             ax = axes[row, col]
             ax.imshow(panels[name], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -184,8 +243,8 @@ def sample_crops(models: Sequence[str], scale: int, pairs_root: Path, models_roo
             if row == 0:
                 ax.set_title(name, fontsize=8)
             if col == 0:
-                ax.set_ylabel(pairs.pairs[i]["modality"], fontsize=8)
-    fig.suptitle(f"test crops, x{scale}", fontsize=9)
+                ax.set_ylabel(f"{pairs.pairs[i]['modality']}\n{track}", fontsize=8)
+    fig.suptitle(f"test crops, x{scale} (models with the consistency step)", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out, suffix=".png") as tmp:
@@ -195,21 +254,27 @@ def sample_crops(models: Sequence[str], scale: int, pairs_root: Path, models_roo
 
 
 def benchmark_stage(params: dict[str, Any]) -> dict[str, Any]:
-    """Score every trained model and bicubic on the test split; write metrics and plots."""
+    """Score every trained model and bicubic on the test and val tracks; write metrics and plots."""
     scales = [int(s) for s in section(params, "degrade.scales")]
+    tracks = list(section(params, "degrade.tracks"))
     cfg = params.get("benchmark", {})
+    consistency = ConsistencySettings.from_params(params.get("consistency"))
     models = [m for m in cfg.get("models", TRAINED_MODELS)]
     limit = cfg.get("max_images_per_modality")
-    report = benchmark(models, scales, PAIRS_DIR, MODELS_DIR, latency_side=int(cfg.get("latency_side", 256)),
+    report = benchmark(models, scales, PAIRS_DIR, MODELS_DIR, tracks=tracks, consistency=consistency,
+                       sources=image_sources(SPLIT_DIR / "images.parquet"),
+                       latency_side=int(cfg.get("latency_side", 256)),
                        max_per_modality=None if limit is None else int(limit))
     write_json(METRICS_DIR / "benchmark.json", report)
     plots = Path("plots")
+    fields = ["series", "modality", "model", "scale", "track", "psnr", "ssim", "gain_db", "ssim_gain", "images"]
     with atomic_path(plots / "psnr.csv", suffix=".csv") as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["series", "modality", "model", "scale", "psnr", "ssim", "gain_db"])
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in report["results"]:
-            writer.writerow({"series": f"{row['model']} x{row['scale']}", "modality": row["modality"], "model": row["model"],
-                             "scale": row["scale"], "psnr": row["psnr"], "ssim": row["ssim"], "gain_db": row["gain_db"]})
+            writer.writerow({"series": f"{row['model']} x{row['scale']} {row['track']}",
+                             **{k: row[k] for k in fields if k != "series"}})
     for scale in scales:
-        sample_crops(models, scale, PAIRS_DIR, MODELS_DIR, plots / f"crops_x{scale}.png")
+        sample_crops(models, scale, PAIRS_DIR, MODELS_DIR, plots / f"crops_x{scale}.png", tracks=tracks,
+                     consistency=consistency)
     return report

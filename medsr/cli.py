@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,6 @@ def run_stage(name: str, func: Callable[[dict[str, Any]], dict[str, Any]], param
     except (SourceError, ParamsError, StageFailed) as err:
         err_console.print(f"[bold red]medsr {name}:[/] {err}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
-
-
-def stage_main(name: str) -> None:
-    """Entry point of ``stages/<name>.py``: the same as ``medsr <name>``."""
-    sys.argv = ["medsr", name, *sys.argv[1:]]
-    app()
 
 
 @app.command()
@@ -129,11 +122,18 @@ def print_results() -> None:
 
 @app.command()
 def package(
-    alias: str = typer.Option("champion", help="Registry alias packaged for medsr-x4 (and medsr-x2 when registered)."),
+    alias: str = typer.Option(None, help="Registry alias to package (default: serving.alias in params.yaml)."),
     bentofile: str = typer.Option("bentofile.yaml", help="BentoML build file, relative to the repository root."),
 ) -> None:
     """Build a Bento of the serving service carrying the registry's champion generators."""
-    from medsr.inference import ModelNotFoundError, package_bento
+    import sys
+
+    from medsr.inference import ModelNotFoundError
+
+    # `serving/` is the Bento's source tree, not part of the installed medsr package: the command
+    # runs from the repository root (the build context), so import it from there.
+    sys.path.insert(0, str(Path(".").resolve()))
+    from serving.packaging import package_bento
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -171,6 +171,14 @@ def summary() -> None:
                       *(str(per_split.get(s, 0)) for s in ("train", "val", "test")),
                       ", ".join(split_m.get("method", {}).get(m, [])))
     console.print(table)
+    files = split_m.get("files", {})
+    if files:
+        files_table = Table(title="Source files per split (a file is in one split, or cut by region with a gap)")
+        for column in ("modality", "train", "val", "test", "gap (unused)"):
+            files_table.add_column(column)
+        for m in MODALITIES:
+            files_table.add_row(m, *("\n".join(files.get(m, {}).get(s, [])) or "-" for s in ("train", "val", "test", "gap")))
+        console.print(files_table)
     pairs = degrade_m.get("pairs", {})
     if pairs:
         pairs_table = Table(title=f"Pairs written: {degrade_m.get('total_pairs', 0)}")

@@ -9,10 +9,14 @@ Every function here follows the array contract of :mod:`medsr.data` on both side
   image and the same generator state give byte-identical outputs (use :func:`rng_for` to derive
   one generator per image from the global seed and the image's id).
 
-Three pair kinds are built from these pieces:
+The pair kinds built from these pieces:
 
-* :func:`degrade_standard`: Gaussian blur, antialiased bicubic down, modality noise; the pairs
-  every model is trained and judged on.
+* :func:`degrade_standard`: Gaussian blur, antialiased bicubic down, modality noise. With fixed
+  parameters (blur 0.6, the modality's noise level) it is the ``realistic`` evaluation track; the
+  ``clean`` track is :func:`degrade_bicubic` alone (antialiased bicubic, the SR literature's
+  protocol and what a resampled study looks like). The training pairs draw blur and noise per
+  pair from a range that includes clean (:func:`draw_standard_parameters`), so a model learns to
+  denoise only as much as its input needs instead of smoothing clean inputs.
 * :func:`degrade_blind`: a second-order random degradation (Real-ESRGAN, BliMSR) for blind SR.
 * :func:`degrade_vlr`: the standard operator applied once more to an LR image (VLR = degrade(LR)),
   the self-supervised input of the light residual CNN, which never sees HR images.
@@ -55,6 +59,8 @@ __all__ = [
     "degrade_blind",
     "degrade_standard",
     "degrade_vlr",
+    "draw_standard_parameters",
+    "StandardParameters",
     "gaussian_blur",
     "jpeg_compress",
     "resize_bicubic",
@@ -310,6 +316,45 @@ def degrade_vlr(
     _check_divisible(lr, scale, "LR image")
     return degrade_standard(lr, scale, blur_sigma=blur_sigma, noise_kind=noise_kind,
                             noise_level=noise_level, rng=rng)
+
+
+@dataclass(frozen=True)
+class StandardParameters:
+    """Blur (HR px) and noise level of one :func:`degrade_standard` call."""
+
+    blur_sigma: float
+    noise_level: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"blur_sigma": self.blur_sigma, "noise_level": self.noise_level}
+
+
+def draw_standard_parameters(
+    rng: np.random.Generator,
+    *,
+    clean_fraction: float,
+    blur_sigma: tuple[float, float],
+    noise_factor: tuple[float, float],
+    noise_level: float,
+) -> StandardParameters:
+    """One pair's blur and noise from the training range.
+
+    With probability ``clean_fraction`` the pair is clean (no blur, no noise: exactly the clean
+    track); otherwise blur ~ U(``blur_sigma``) and noise = ``noise_level`` x U(``noise_factor``).
+    Three draws are always made, in that order, so the stream that follows (the noise samples)
+    does not depend on which branch was taken.
+    """
+    if not 0.0 <= float(clean_fraction) <= 1.0:
+        raise ValueError(f"clean_fraction must be in [0, 1], got {clean_fraction}")
+    sigma_lo, sigma_hi = _check_range("blur_sigma", blur_sigma, 0.0, math.inf)
+    factor_lo, factor_hi = _check_range("noise_factor", noise_factor, 0.0, math.inf)
+    level = _check_level(noise_level, "noise_level")
+    clean = float(rng.random()) < float(clean_fraction)
+    sigma = float(rng.uniform(sigma_lo, sigma_hi))
+    factor = float(rng.uniform(factor_lo, factor_hi))
+    if clean:
+        return StandardParameters(0.0, 0.0)
+    return StandardParameters(sigma, min(level * factor, 1.0))
 
 
 @dataclass(frozen=True)

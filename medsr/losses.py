@@ -15,7 +15,8 @@ on the discriminator's own intermediate features instead; runs record which one 
 Recipes (:data:`RECIPES`) name the published combinations:
 
 * ``pixel``: L1 (or MSE) only, for ESPCN and the residual CNN, and the GAN warm-up;
-* ``srgan`` (SRGAN / Swift-SRGAN): MSE + 0.006 feature + 1e-3 adversarial + 2e-8 TV;
+* ``srgan`` (SRGAN / Swift-SRGAN): MSE + 0.006 feature + 1e-3 adversarial + 2e-8 TV (TV summed
+  per image, as the weight was chosen for: :func:`total_variation_loss`);
 * ``blimsr``: feature + 0.01 adversarial + 0.1 L1 + gradient + DSSIM (the BliMSR ensemble);
 * ``cgan`` (BrainSR conditional GAN): L1 + 0.1 feature + 1e-3 adversarial.
 """
@@ -48,8 +49,15 @@ def pixel_loss(sr: Tensor, hr: Tensor, kind: str = "l1") -> Tensor:
 
 
 def total_variation_loss(x: Tensor) -> Tensor:
-    """Anisotropic total variation: mean absolute difference of vertical and horizontal neighbours."""
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    """Anisotropic total variation *summed* over each image's pixels, averaged over the batch.
+
+    SRGAN's TV weight 2e-8 belongs to a summed TV (intensities in [0, 1]): with a per-pixel
+    mean the weighted term was ~1e-9, zero in effect. Summed, a 96x96 patch of typical medical
+    texture gives ~2e-6..1e-5 next to an MSE of ~1e-3: the weak smoothness prior the paper meant.
+    """
+    per_image = ((x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).sum(dim=1)
+                 + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).sum(dim=1))
+    return per_image.mean()
 
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 4.0
@@ -174,6 +182,28 @@ def forward_with_features(module: nn.Module, *inputs: Tensor,
         for handle in handles:
             handle.remove()
     return output, features
+
+
+def discriminate_jointly(discriminator: nn.Module, real: Tensor, fake: Tensor, *condition: Tensor,
+                         with_features: bool = False) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """Score real and fake images in *one* forward pass over their concatenation.
+
+    Returns ``(real_logits, fake_logits, real_features, fake_features)``. One pass means every
+    BatchNorm layer normalises real and fake with the same batch statistics (and updates its
+    running statistics once): with two passes in train mode each half is normalised by its own
+    mean and variance, so feature matching compares features on two different scales and the
+    discriminator can tell real from fake by batch statistics alone. ``condition`` (the LR
+    input of a conditional discriminator) is repeated for both halves.
+    """
+    n = real.shape[0]
+    if fake.shape != real.shape:
+        raise ValueError(f"real {tuple(real.shape)} and fake {tuple(fake.shape)} batches differ in shape")
+    inputs = (torch.cat([real, fake]), *(torch.cat([c, c]) for c in condition))
+    if with_features:
+        logits, features = forward_with_features(discriminator, *inputs)
+    else:
+        logits, features = discriminator(*inputs), []
+    return logits[:n], logits[n:], [f[:n] for f in features], [f[n:] for f in features]
 
 
 def feature_matching_loss(fake_features: Sequence[Tensor], real_features: Sequence[Tensor]) -> Tensor:

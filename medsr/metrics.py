@@ -116,3 +116,42 @@ def evaluate_pairs(
     overall = summary([v for values in scores.values() for v in values])
     overall["per_modality"] = {modality: summary(values) for modality, values in sorted(scores.items())}
     return overall
+
+
+# --------------------------------------------------------------------------- foreground-aware scores
+# On CT and MRI most of a slice can be background (air, exact zeros in the HR image); noise there
+# decides whole-image SSIM, so a model that merely zeroes the background looks good without
+# seeing the body or brain. These scores are computed inside a body/brain mask of the HR image.
+
+FOREGROUND_MODALITIES: tuple[str, ...] = ("ct", "mri")
+MIN_FOREGROUND_FRACTION: float = 0.02  # below this the mask is noise, not anatomy: no foreground score
+
+
+def foreground_mask(hr: np.ndarray, *, border: int) -> np.ndarray | None:
+    """Body/brain mask of a (1, H, W) HR image (Otsu threshold, holes filled), border-cropped.
+
+    None when the image is flat or the mask covers under ``MIN_FOREGROUND_FRACTION`` of it.
+    """
+    from scipy.ndimage import binary_fill_holes
+    from skimage.filters import threshold_otsu
+
+    _, plane = _cropped_planes(hr, hr, border)
+    if float(plane.max()) == float(plane.min()):
+        return None
+    mask = binary_fill_holes(plane > threshold_otsu(plane))
+    return mask if float(mask.mean()) >= MIN_FOREGROUND_FRACTION else None
+
+
+def psnr_in_mask(sr: np.ndarray, hr: np.ndarray, mask: np.ndarray, *, border: int) -> float:
+    """PSNR in dB over the pixels of ``mask`` (the border-cropped grid), capped like :func:`psnr`."""
+    sr_plane, hr_plane = _cropped_planes(sr, hr, border)
+    mse = float(np.mean((sr_plane[mask] - hr_plane[mask]) ** 2))
+    return PSNR_CAP_DB if mse == 0.0 else min(10.0 * np.log10(1.0 / mse), PSNR_CAP_DB)
+
+
+def ssim_in_mask(sr: np.ndarray, hr: np.ndarray, mask: np.ndarray, *, border: int) -> float:
+    """Mean of the SSIM map (same window as :func:`ssim`) over the pixels of ``mask``."""
+    sr_plane, hr_plane = _cropped_planes(sr, hr, border)
+    _, ssim_map = structural_similarity(hr_plane, sr_plane, gaussian_weights=True, sigma=SSIM_GAUSSIAN_SIGMA,
+                                        use_sample_covariance=False, data_range=1.0, full=True)
+    return float(ssim_map[mask].mean())

@@ -16,18 +16,14 @@ from medsr.data import MODALITIES
 from medsr.data.ingest import TABLE_NAME, IngestOptions, ingest
 from medsr.data.sources.errors import SourceError
 from medsr.params import section
+from medsr.stage_entry import METRICS_DIR, StageFailed  # re-exported: the stage runner catches this class
 
 RAW_DIR = Path("data/raw")
 INTERIM_DIR = Path("data/interim")
 VALIDATED_DIR = Path("data/validated")
 SPLIT_DIR = Path("data/split")
 PAIRS_DIR = Path("data/pairs")
-METRICS_DIR = Path("metrics")
 REPORTS_DIR = Path("reports")
-
-
-class StageFailed(RuntimeError):
-    """A stage refused to go on; the message is one readable line for the user."""
 
 
 def _fetch(modality: str, spec: dict[str, Any], dest: Path, download: dict[str, Any]) -> None:
@@ -103,19 +99,21 @@ def validate_stage(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_stage(params: dict[str, Any]) -> dict[str, Any]:
-    from medsr.data.split import SPLITS, leaked_patients, split_table
+    """Split the validated table (see medsr.data.split); refuse to write a split that leaks."""
+    from medsr.data.split import GAP, SPLITS, files_per_split, find_leaks, split_table
 
     cfg = section(params, "data.split")
     table = pd.read_parquet(VALIDATED_DIR / TABLE_NAME)
     result = split_table(table, cfg["fractions"], int(cfg["seed"]), int(cfg.get("min_patients", 3)))
-    leaks = leaked_patients(result)
+    leaks = find_leaks(result)
     if leaks:  # a bug, not bad input: never let it through
-        raise StageFailed(f"split leaked {len(leaks)} patient(s) across splits; refusing to write it")
+        raise StageFailed(f"split leaked across splits ({len(leaks)} finding(s), first: {leaks[0]}); refusing to write it")
     with atomic_dir(SPLIT_DIR) as tmp:
         result.to_parquet(tmp / TABLE_NAME, index=False)
     summary = {
-        "images": {m: {s: int(((result["modality"] == m) & (result["split"] == s)).sum()) for s in SPLITS}
+        "images": {m: {s: int(((result["modality"] == m) & (result["split"] == s)).sum()) for s in (*SPLITS, GAP)}
                    for m in MODALITIES},
+        "files": files_per_split(result),
         "patients": {m: int(result.loc[result["modality"] == m, "patient_key"].nunique()) for m in MODALITIES},
         "method": {m: sorted(result.loc[result["modality"] == m, "split_method"].unique().tolist()) for m in MODALITIES},
     }

@@ -1,17 +1,21 @@
 """The MedSR BentoML service (``serving/service.py``) and what starts it.
 
-The logic (tiled inference, consistency score, reading and writing every format) lives in
-:mod:`medsr.inference` and :mod:`medsr.data.writing`; this package only serves it. Here:
+The model logic (tiled inference, consistency score, writing every format) lives in
+:mod:`medsr.inference` and :mod:`medsr.data.writing`. This package serves it:
+:mod:`serving.uploads` (reading uploads, the /upscale pipeline), :mod:`serving.errors` (the
+error format, the gateway middleware, metrics), :mod:`serving.schemas` (the array endpoint's
+JSON), :mod:`serving.web` (the web page and its comparison), :mod:`serving.packaging` (Bentos)
+and :mod:`serving.service` (the BentoML service). Here:
 
-* :func:`serving_params`: the ``serving:`` section of ``params.yaml`` over built-in defaults
-  (``MEDSR_PARAMS`` names another params file: the benchmark uses it to switch batching off);
+* :func:`load_config`: the ``serving:`` section of ``params.yaml``, the registered model names
+  (``registry.model_names``) and the ``degrade:`` section; no defaults are kept here
+  (``MEDSR_PARAMS`` names another params file: tests and the benchmark use it);
 * :class:`ServiceProcess`: ``bentoml serve`` on 127.0.0.1 in a child process, waited for until
   ``/readyz`` answers, stopped on exit; the tests and ``benchmarks/bench_serving.py`` use it.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import socket
@@ -19,34 +23,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_TARGET = "serving.service:MedSR"
-
-DEFAULT_SERVING: dict[str, Any] = {
-    "host": "127.0.0.1",
-    "port": 3000,
-    "device": "auto",
-    "alias": "champion",
-    "max_output_pixels": 8192 * 8192,
-    "max_upload_bytes": 256 * 1024 * 1024,
-    "tile": 256,
-    "overlap": 32,
-    "tile_batch": 4,
-    "consistency_warning_db": 30.0,
-    "demo_max_side": 512,
-    "max_cached_versions": 3,
-    "threads": 1,
-    "torch_threads": 0,
-    "batching": {"enabled": True, "max_batch_size": 16, "max_latency_ms": 20000},
-}
-DEFAULT_DEGRADE: dict[str, Any] = {
-    "blur_sigma": 0.6,
-    "noise": {"xray": {"kind": "poisson", "level": 0.01}, "ct": {"kind": "poisson", "level": 0.01},
-              "mri": {"kind": "rician", "level": 0.01}},
-}
 
 # Telemetry off: the network is closed and every tool tries to phone home.
 QUIET_ENV: dict[str, str] = {
@@ -55,17 +37,34 @@ QUIET_ENV: dict[str, str] = {
 }
 
 
-def _merged(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    merged = copy.deepcopy(dict(defaults))
-    for key, value in (overrides or {}).items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merged(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+SERVING_KEYS: tuple[str, ...] = (
+    "host", "port", "device", "alias", "max_output_pixels", "max_upload_bytes", "max_array_output_pixels", "tile",
+    "tile_batch", "consistency_warning_db", "demo_max_side", "max_cached_versions", "threads", "torch_threads",
+    "png_level", "refine", "batching",
+)
 
 
-def params_path() -> Path | None:
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the service reads from params.yaml, the one place its settings live.
+
+    ``serving``: the ``serving:`` section; ``model_names``: scale -> registered model
+    (``registry.model_names``, the names the register stage writes), x4 first; ``degrade``: the
+    ``degrade:`` section (the consistency operator's blur, the demo's noise per modality).
+    """
+
+    serving: dict[str, Any]
+    model_names: dict[int, str]
+    degrade: dict[str, Any]
+    path: Path
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        """Scales served, the required one (the largest) first."""
+        return tuple(sorted(self.model_names, reverse=True))
+
+
+def params_path() -> Path:
     """``$MEDSR_PARAMS``, else ``params.yaml`` in the working directory, else the repository's."""
     named = os.environ.get("MEDSR_PARAMS")
     if named:
@@ -73,21 +72,25 @@ def params_path() -> Path | None:
     for candidate in (Path("params.yaml"), REPO_ROOT / "params.yaml"):
         if candidate.is_file():
             return candidate
-    return None
+    return REPO_ROOT / "params.yaml"
 
 
-def serving_params() -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(serving, degrade)`` sections: params.yaml's values over the defaults above.
+def load_config(path: Path | None = None) -> ServingConfig:
+    """The service's settings from params.yaml (a Bento carries it: bentofile.yaml includes it).
 
-    A Bento carries params.yaml (bentofile.yaml includes it); without one the defaults serve.
+    Raises:
+        medsr.params.ParamsError: the file is missing or lacks a key the service needs.
     """
-    import yaml
+    from medsr.params import ParamsError, load_params, section
 
-    path = params_path()
-    loaded: dict[str, Any] = {}
-    if path is not None and path.is_file():
-        loaded = yaml.safe_load(path.read_text()) or {}
-    return _merged(DEFAULT_SERVING, loaded.get("serving")), _merged(DEFAULT_DEGRADE, loaded.get("degrade"))
+    path = path or params_path()
+    params = load_params(path)
+    serving = dict(section(params, "serving"))
+    missing = [key for key in SERVING_KEYS if key not in serving]
+    if missing:
+        raise ParamsError(f"{path}: `serving:` lacks {', '.join(missing)}; see the Serving section of README.md")
+    names = {int(str(key).lstrip("x")): str(value) for key, value in section(params, "registry.model_names").items()}
+    return ServingConfig(serving=serving, model_names=names, degrade=dict(section(params, "degrade")), path=path)
 
 
 def free_port() -> int:
@@ -189,9 +192,10 @@ class ServiceProcess:
 
 
 def register_generator(architecture: str, scale: int, *, artifact_dir: Path | None = None, champion: bool = True,
-                       seed: int = 0) -> str:
+                       seed: int = 0, options: Mapping[str, Any] | None = None) -> str:
     """Log a freshly initialised generator with :func:`medsr.tracking.log_generator` and register
-    it as a new version of ``medsr-x<scale>`` (aliased ``champion`` when ``champion``).
+    it as a new version of the scale's registered model (``registry.model_names`` in params.yaml),
+    aliased ``serving.alias`` when ``champion``.
 
     For tests, benchmarks and trying the service before any training: an untrained generator is
     a residual over bicubic, so it already gives bicubic-like output. Uses the MLflow store that
@@ -204,7 +208,6 @@ def register_generator(architecture: str, scale: int, *, artifact_dir: Path | No
     import torch
     from mlflow import MlflowClient
 
-    from medsr.inference import REGISTERED_MODEL_NAMES
     from medsr.models import build_generator
     from medsr.tracking import EXPERIMENT, configure, log_generator, tracking_uri
 
@@ -213,13 +216,14 @@ def register_generator(architecture: str, scale: int, *, artifact_dir: Path | No
         mlflow.create_experiment(EXPERIMENT, artifact_location=Path(artifact_dir).resolve().as_uri())
     configure()
     torch.manual_seed(seed)
-    generator = build_generator(architecture, scale).eval()
+    generator = build_generator(architecture, scale, **dict(options or {})).eval()
     # Batch of 2: a batch of 1 would freeze the batch size in the logged signature's example.
     example = np.random.default_rng(seed).random((2, 1, 16, 16), dtype=np.float32)
-    name = REGISTERED_MODEL_NAMES[scale]
+    config = load_config()
+    name = config.model_names[scale]
     with mlflow.start_run(run_name=f"untrained-{architecture}-x{scale}"):
-        uri = log_generator(generator, example, {"model": architecture, "scale": scale, "options": {}})
+        uri = log_generator(generator, example, {"model": architecture, "scale": scale, "options": dict(options or {})})
     version = str(mlflow.register_model(uri, name).version)
     if champion:
-        MlflowClient().set_registered_model_alias(name, "champion", version)
+        MlflowClient().set_registered_model_alias(name, str(config.serving["alias"]), version)
     return version

@@ -1,6 +1,10 @@
-"""DVC stage `benchmark`: a thin entry point over medsr.benchmark.benchmark_stage (see dvc.yaml)."""
+"""DVC stage `benchmark` (dvc.yaml): every trained model and bicubic on the test split, into
+metrics/benchmark.json and plots/ (medsr.benchmark.benchmark_stage)."""
 
-from medsr.cli import stage_main
+import sys
+
+from medsr.benchmark import benchmark_stage
+from medsr.stage_entry import run_stage
 
 if __name__ == "__main__":
-    stage_main("benchmark")
+    sys.exit(run_stage("benchmark", benchmark_stage, lambda _s: "benchmark: written metrics/benchmark.json and plots/"))

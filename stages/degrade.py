@@ -1,6 +1,10 @@
-"""DVC stage `degrade`: a thin entry point over medsr.pipeline.degrade_stage (see dvc.yaml)."""
+"""DVC stage `degrade` (dvc.yaml): the LR/HR (and VLR/LR) pair sets of every split and scale, into
+data/pairs (medsr.pipeline.degrade_stage)."""
 
-from medsr.cli import stage_main
+import sys
+
+from medsr.pipeline import degrade_stage
+from medsr.stage_entry import run_stage
 
 if __name__ == "__main__":
-    stage_main("degrade")
+    sys.exit(run_stage("degrade", degrade_stage, lambda s: f"degrade: {s['total_pairs']} pairs written"))

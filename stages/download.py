@@ -1,6 +1,12 @@
-"""DVC stage `download`: a thin entry point over medsr.pipeline.download_stage (see dvc.yaml)."""
+"""DVC stage `download` (dvc.yaml): fetch each modality's source into data/raw, then load, window,
+tile and tabulate it into data/interim (medsr.pipeline.download_stage)."""
 
-from medsr.cli import stage_main
+import sys
+
+from medsr.pipeline import download_stage
+from medsr.stage_entry import run_stage
 
 if __name__ == "__main__":
-    stage_main("download")
+    sys.exit(run_stage("download", download_stage,
+                       lambda s: f"download: {s['images']} images from {s['files']} files "
+                                 f"({s['load_errors']} could not be loaded)"))

@@ -1,8 +1,22 @@
-"""DVC stage `register`: a thin entry point over medsr.registry.register_stage (see dvc.yaml)."""
+"""DVC stage `register` (dvc.yaml): register the best model per scale in MLflow and move the
+aliases (medsr.registry.register_stage)."""
 
+import logging
 import sys
+from typing import Any
 
-from medsr.registry_cli import registry_app
+from mlflow.exceptions import MlflowException
+
+from medsr.registry import RegistryError, register_stage
+from medsr.stage_entry import run_stage
+
+
+def _report(record: dict[str, Any]) -> str:
+    return "\n".join(f"{d['registered_model']}: {d['action']}: {d['reason']}" for d in record["decisions"].values())
+
 
 if __name__ == "__main__":
-    registry_app(["register", *sys.argv[1:]], prog_name="medsr register")
+    # MLflow's INFO lines (database migrations, artifact downloads) would bury the decisions.
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    sys.exit(run_stage("register", register_stage, _report, errors=(RegistryError, MlflowException)))

@@ -1,6 +1,9 @@
-"""DVC stage `split`: a thin entry point over medsr.pipeline.split_stage (see dvc.yaml)."""
+"""DVC stage `split` (dvc.yaml): train/val/test by patient, into data/split (medsr.pipeline.split_stage)."""
 
-from medsr.cli import stage_main
+import sys
+
+from medsr.pipeline import split_stage
+from medsr.stage_entry import run_stage
 
 if __name__ == "__main__":
-    stage_main("split")
+    sys.exit(run_stage("split", split_stage, lambda _s: "split: written data/split"))

@@ -1,6 +1,22 @@
-"""DVC stage `train@<model>`: a thin entry point over medsr.training.stage.train_stage (see dvc.yaml)."""
+"""DVC stage `train@<model>` (dvc.yaml): one model at every scale, tracked in MLflow, into
+models/<model> (medsr.training.stage.train_stage). Usage: python stages/train.py MODEL"""
 
-from medsr.cli import stage_main
+import argparse
+import sys
+from typing import Any
+
+from medsr.stage_entry import run_stage
+from medsr.training.stage import TRAINED_MODELS, train_stage
+
+
+def _report(summary: dict[str, Any]) -> str:
+    return "\n".join(f"train {summary['model']} {scale}: best val PSNR {r['best_val_psnr']:.2f} dB at step "
+                     f"{r['best_step']} of {r['steps_done']} ({r['seconds']:.0f} s)"
+                     for scale, r in summary["scales"].items())
+
 
 if __name__ == "__main__":
-    stage_main("train")
+    parser = argparse.ArgumentParser(prog="stages/train.py", description=__doc__)
+    parser.add_argument("model", choices=TRAINED_MODELS)
+    args = parser.parse_args()
+    sys.exit(run_stage("train", lambda params: train_stage(params, args.model), _report))

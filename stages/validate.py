@@ -1,6 +1,11 @@
-"""DVC stage `validate`: a thin entry point over medsr.pipeline.validate_stage (see dvc.yaml)."""
+"""DVC stage `validate` (dvc.yaml): the Great Expectations suite and pixel checks over data/interim;
+failures are quarantined (medsr.pipeline.validate_stage)."""
 
-from medsr.cli import stage_main
+import sys
+
+from medsr.pipeline import validate_stage
+from medsr.stage_entry import run_stage
 
 if __name__ == "__main__":
-    stage_main("validate")
+    sys.exit(run_stage("validate", validate_stage,
+                       lambda s: f"validate: {s['passed']} passed, {s['quarantined']} quarantined"))

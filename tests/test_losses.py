@@ -80,7 +80,9 @@ def test_ssim_torch_matches_scikit_image() -> None:
 def test_total_variation_and_gradient_losses() -> None:
     assert total_variation_loss(torch.full((1, 1, 8, 8), 0.3)).item() == 0.0
     checkerboard = (torch.arange(8).view(1, 8) + torch.arange(8).view(8, 1)).remainder(2).float().view(1, 1, 8, 8)
-    assert total_variation_loss(checkerboard).item() == pytest.approx(2.0)
+    # Summed per image: 8 rows x 7 vertical and 8 columns x 7 horizontal unit differences.
+    assert total_variation_loss(checkerboard).item() == pytest.approx(112.0)
+    assert total_variation_loss(torch.cat([checkerboard, torch.zeros_like(checkerboard)])).item() == pytest.approx(56.0)
     _, hr = camera_batch()
     # Gradients ignore a constant offset but see blur.
     assert gradient_loss(hr + 0.1, hr).item() == pytest.approx(0.0, abs=1e-6)

@@ -31,6 +31,7 @@ class PairItem:
     modality: str
     hr: np.ndarray  # (1, H, W) float32
     lr: np.ndarray  # (1, H/scale, W/scale) float32
+    degradation: dict[str, float] | None = None  # the blur/noise this pair's LR was made with, when drawn
 
 
 def write_pairs(folder: str | Path, items: Iterable[PairItem], scale: int, attrs: dict[str, Any] | None = None) -> int:
@@ -45,8 +46,11 @@ def write_pairs(folder: str | Path, items: Iterable[PairItem], scale: int, attrs
         lh, lw = item.lr.shape[-2:]
         if (lh * scale, lw * scale) != (h, w):
             raise ValueError(f"{item.id}: LR {lh}x{lw} times scale {scale} is not HR {h}x{w}")
-        index.append({"id": item.id, "modality": item.modality, "hr_offset": hr_off, "hr_shape": [h, w],
-                      "lr_offset": lr_off, "lr_shape": [lh, lw]})
+        entry = {"id": item.id, "modality": item.modality, "hr_offset": hr_off, "hr_shape": [h, w],
+                 "lr_offset": lr_off, "lr_shape": [lh, lw]}
+        if item.degradation is not None:
+            entry["degradation"] = {k: round(float(v), 6) for k, v in item.degradation.items()}
+        index.append(entry)
         hr_off += h * w
         lr_off += lh * lw
     hr_flat = np.concatenate([i.hr.ravel() for i in items]) if items else np.zeros(0, np.float32)

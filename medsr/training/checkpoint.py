@@ -5,8 +5,11 @@ A checkpoint is a plain dict of tensors and built-in containers/scalars, so it l
 
 * ``last.pt``: everything needed to continue the run (model, optimisers, scalers, RNG states,
   step, history, best score, early-stopping counter);
-* ``best.pt``: the generator with the best validation PSNR, which the benchmark and serving
-  load through :func:`load_generator`.
+* kept checkpoints (generator weights, the validation that chose them, their ``phase`` and
+  ``step``): ``best.pt``, the one the benchmark, registry and serving load through
+  :func:`load_generator`; for a GAN also ``warmup.pt`` (best of the pixel warm-up) and
+  ``adversarial.pt`` (best perceptual score above the fidelity floor), see
+  :mod:`medsr.training.trainer`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from medsr.models import build_generator
 CHECKPOINT_FORMAT = "medsr-checkpoint/1"
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
+WARMUP_NAME = "warmup.pt"
+ADVERSARIAL_NAME = "adversarial.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -131,8 +136,16 @@ def load_generator(checkpoint_path: str | Path, device: str | torch.device = "cp
 
 
 def checkpoint_info(checkpoint_path: str | Path) -> dict[str, Any]:
-    """The checkpoint's metadata (model, scale, options, step, best val PSNR, ...) without tensors."""
+    """The checkpoint's metadata without tensors: model, scale, options, ``step`` and ``phase``
+    of the weights it holds (``pixel``, ``warmup`` or ``adversarial``), ``best_val_psnr`` (their
+    mean validation PSNR over the tracks), ``feature_loss``, ``kind`` and, for kept checkpoints,
+    ``selection`` (the rule that chose them and their scores) and ``val``.
+
+    ``phase`` is None for a checkpoint written before phases were recorded.
+    """
     payload = load_checkpoint(checkpoint_path)
-    keys = ("model", "scale", "model_options", "fingerprint", "step", "best_val_psnr", "best_step", "profile",
-            "feature_loss", "kind", "val")
-    return {k: payload[k] for k in keys if k in payload}
+    keys = ("model", "scale", "model_options", "fingerprint", "step", "phase", "best_val_psnr", "best_step",
+            "profile", "feature_loss", "kind", "selection", "val", "bicubic_val")
+    info = {k: payload[k] for k in keys if k in payload}
+    info.setdefault("phase", None)
+    return info

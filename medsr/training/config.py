@@ -50,10 +50,20 @@ class TrainConfig:
     warmup_steps: int = 0  # GAN models: pixel-loss-only steps before the adversarial phase
     adv_weight: float | None = None  # None: the loss recipe's own weight
     loss: dict[str, Any] = field(default_factory=dict)  # recipe, pixel, adversarial, weights
+    # Learning-rate schedule of both networks, applied per phase (the pixel warm-up and the
+    # adversarial phase each run their own course, as SRGAN's 1e-4 -> 1e-5 GAN phase does):
+    # constant; step (x lr_gamma at each fraction of the phase in lr_milestones); cosine (from
+    # 1 down to lr_gamma over the phase).
+    lr_schedule: str = "constant"
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5])
+    lr_gamma: float = 0.1
+    # Exponential moving average of the generator weights (Real-ESRGAN: 0.999); None disables.
+    # With EMA the averaged weights are validated and kept, and the raw weights are scored beside them.
+    ema_decay: float | None = None
     checkpoint_every: int = 100
     val_every: int = 100
-    val_max_images: int | None = None  # None: the whole val/standard set
-    early_stopping_patience: int | None = None  # validations without a new best val PSNR
+    val_max_images: int | None = None  # per validation track; None: the whole set
+    early_stopping_patience: int | None = None  # validations that do not improve their phase's criterion
     grad_clip: float | None = 1.0  # max global gradient norm; None disables
     num_workers: int = 0
     seed: int = 1234
@@ -85,6 +95,16 @@ class TrainConfig:
             raise ValueError(f"train.early_stopping_patience must be >= 1 or null, got {self.early_stopping_patience}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.lr_schedule not in ("constant", "step", "cosine"):
+            raise ValueError(f"train.lr_schedule must be constant, step or cosine, got {self.lr_schedule!r}")
+        self.lr_milestones = [float(m) for m in self.lr_milestones]
+        if any(not 0.0 < m < 1.0 for m in self.lr_milestones) or self.lr_milestones != sorted(self.lr_milestones):
+            raise ValueError(f"train.lr_milestones must be increasing fractions of a phase in (0, 1), "
+                             f"got {self.lr_milestones}")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise ValueError(f"train.lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         unknown = set(self.loss) - LOSS_KEYS
         if unknown:
             raise ValueError(f"train.loss: unknown keys {sorted(unknown)}; known: {sorted(LOSS_KEYS)}")

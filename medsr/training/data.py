@@ -34,6 +34,20 @@ def pair_set_path(pairs_root: str | Path, split: str, scale: int, kind: str) -> 
     return Path(pairs_root) / split / f"x{scale}" / kind
 
 
+EVALUATION_TRACKS: tuple[str, ...] = ("clean", "realistic")
+FIDELITY_TRACK = "clean"  # the track whose PSNR must beat bicubic's for an adversarial checkpoint
+
+
+def validation_tracks(pairs_root: str | Path, scale: int, split: str = "val") -> dict[str, Path]:
+    """The evaluation tracks of ``split``: ``clean`` (antialiased bicubic only) and ``realistic``
+    (blur + modality noise) when the degrade stage wrote both, else ``standard`` alone (a pair
+    root from before the tracks existed)."""
+    tracks = {track: pair_set_path(pairs_root, split, scale, track) for track in EVALUATION_TRACKS}
+    if all((folder / "index.json").is_file() for folder in tracks.values()):
+        return tracks
+    return {"standard": pair_set_path(pairs_root, split, scale, "standard")}
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """What step ``k`` trains on."""

@@ -1,28 +1,143 @@
-"""The `train@<model>` DVC stage as a function: one model at every scale, tracked in MLflow."""
+"""The `train@<model>` DVC stage as a function: one model at every scale, tracked in MLflow.
+
+``models/<model>`` persists across ``dvc repro`` so that a killed run resumes from its last
+checkpoint. A checkpoint is only resumed when everything its result depends on is what wrote it:
+``models/<model>/x<scale>/inputs.json`` records the digest of
+
+* the training config (the model options included), as resolved from params.yaml;
+* the data version of the pair sets the run reads (their ``index.json`` and pixel arrays);
+* the code version of the model (its architecture's source and the training loop's).
+
+Any difference, or no record at all, and the run starts at step 0 with a log line saying which
+of the three changed: otherwise a degrade change would "resume" the finished old model and MLflow
+would report it as trained on the new data.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from medsr.atomic import write_json, write_text
+from medsr.atomic import write_json
 from medsr.params import section
-from medsr.pipeline import METRICS_DIR, StageFailed
+from medsr.provenance import REPO_ROOT, import_closure, module_file, source_digest
+from medsr.stage_entry import METRICS_DIR, StageFailed
+
+log = logging.getLogger(__name__)
 
 MODELS_DIR = Path("models")
 TRAINED_MODELS: tuple[str, ...] = ("espcn", "srgan", "swift_srgan", "brainsr", "blimsr", "residual_cnn")
+INPUTS_NAME = "inputs.json"
+_LEGACY_MARKER = "config.sha256"  # a config-only digest: it cannot vouch for the data or the code
+_PAIR_FILES = ("index.json", "lr.npy", "hr.npy")
+_HASH_CHUNK = 1 << 20
 
 
-def _config_digest(config: Any) -> str:
+def config_digest(config: Any) -> str:
+    """The training config (model and discriminator options included), minus what only changes
+    how a run executes (device, workers, resume, progress bar), not what it computes."""
     relevant = {k: v for k, v in config.to_dict().items() if k not in ("resume", "quiet", "num_workers", "device")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def pair_sets_read(pairs_root: str | Path, scale: int) -> list[Path]:
+    """The pair sets a run at ``scale`` may read: every training set at x2 and at ``scale`` (the
+    BrainSR curriculum starts at x2; blind models mix in standard pairs) and the validation set."""
+    root = Path(pairs_root)
+    folders = {p for s in sorted({2, int(scale)}) for p in (root / "train" / f"x{s}").glob("*") if p.is_dir()}
+    folders.add(root / "val" / f"x{int(scale)}" / "standard")
+    return sorted(folders)
+
+
+def data_version(pairs_root: str | Path, scale: int) -> str:
+    """sha256 (16 hex) of the pair sets :func:`pair_sets_read` names: file names and bytes.
+
+    The pixel arrays are hashed, not only ``index.json``: a degradation change (blur, noise)
+    keeps every id, offset and shape, so the index alone would not see it.
+    """
+    root = Path(pairs_root)
+    digest = hashlib.sha256()
+    for folder in pair_sets_read(root, scale):
+        for name in _PAIR_FILES:
+            path = folder / name
+            digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
+            if not path.is_file():
+                digest.update(b"missing\0")  # the trainer will say what is missing; the digest just differs
+                continue
+            with path.open("rb") as handle:
+                while chunk := handle.read(_HASH_CHUNK):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def code_version(model: str) -> str:
+    """sha256 (16 hex) of the source that decides what training ``model`` computes: its
+    architecture module (and what that imports), the model registry, and the training loop
+    (trainer, batches, losses, validation metrics, checkpoints), not the other models' files."""
+    models_dir = REPO_ROOT / "medsr" / "models"
+    loop = {p for p in import_closure([REPO_ROOT / "medsr" / "training" / "trainer.py"], with_parents=False)
+            if models_dir not in p.parents}
+    architecture = module_file(f"medsr.models.{model}")
+    own = import_closure([architecture], with_parents=False) if architecture else set(models_dir.glob("*.py"))
+    return source_digest(loop | own | {models_dir / "__init__.py"})
+
+
+def training_inputs(config: Any) -> dict[str, str]:
+    """What a checkpoint of ``config`` depends on, each part as a short digest, plus their sum."""
+    parts = {"config": config_digest(config), "data": data_version(config.pairs_root, config.scale),
+             "code": code_version(config.model)}
+    parts["digest"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return parts
+
+
+_WHY = {"config": "the training config (or model options) changed", "data": "the training data changed",
+        "code": "the model or training code changed"}
+
+
+def stale_reason(out_dir: Path, inputs: dict[str, str]) -> str | None:
+    """Why what is in ``out_dir`` must not be resumed, or None when it may be (or there is nothing)."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return None
+    marker = out_dir / INPUTS_NAME
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return "no record of the inputs that trained it"
+    changed = [part for part in ("config", "data", "code") if recorded.get(part) != inputs[part]]
+    if not changed:
+        return None
+    return "; ".join(f"{_WHY[part]} ({recorded.get(part)} -> {inputs[part]})" for part in changed)
+
+
+def prepare_out_dir(config: Any) -> dict[str, str]:
+    """Empty ``config.out_dir`` unless its checkpoint was trained on exactly these inputs; record them.
+
+    The record is written before training starts, so a run killed midway resumes on the next call.
+    """
+    out_dir = Path(config.out_dir)
+    inputs = training_inputs(config)
+    reason = stale_reason(out_dir, inputs)
+    label = f"{config.model} x{config.scale}"
+    if reason is not None:
+        log.info("%s: not resuming %s: %s; training starts at step 0", label, out_dir, reason)
+        shutil.rmtree(out_dir)
+    elif (out_dir / "last.pt").is_file():
+        log.info("%s: config, data and code match the checkpoint in %s: resuming it", label, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / _LEGACY_MARKER).unlink(missing_ok=True)
+    write_json(out_dir / INPUTS_NAME, inputs)
+    return inputs
+
+
 def train_stage(params: dict[str, Any], model: str, *, profile: str | None = None) -> dict[str, Any]:
-    """Train ``model`` at every scale in degrade.scales, tracked in MLflow; resumes a killed run."""
+    """Train ``model`` at every scale in degrade.scales, tracked in MLflow; resumes a killed run
+    only when its config, data and code are unchanged."""
     from medsr.models import MODEL_NAMES
     from medsr.training import TrainConfig
     from medsr.training.tracked import train_tracked
@@ -33,15 +148,9 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
     results: dict[str, Any] = {}
     for scale in section(params, "degrade.scales"):
         config = TrainConfig.from_params(params, model, int(scale), profile=profile)
-        out_dir = Path(config.out_dir)
-        marker = out_dir / "config.sha256"
-        digest = _config_digest(config)
-        # models/<name> persists across `dvc repro` so a killed run resumes; a changed config must not.
-        if marker.is_file() and marker.read_text().strip() != digest:
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(marker, digest + "\n")
-        results[f"x{scale}"] = train_tracked(config, params)
+        inputs = prepare_out_dir(config)
+        results[f"x{scale}"] = train_tracked(config, params, extra_tags={
+            "pairs_version": inputs["data"], "code_version": inputs["code"], "inputs_digest": inputs["digest"]})
     summary = {"model": model, "scales": results}
     write_json(METRICS_DIR / "train" / f"{model}.json", summary)
     return summary

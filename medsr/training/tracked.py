@@ -1,5 +1,6 @@
 """Training under MLflow: the trainer's per-validation history becomes MLflow metrics, and the
-best generator, a comparison figure and the feature-loss choice are logged with the run."""
+shipped generator (best.pt), a comparison figure, the feature-loss choice and the phase and step
+of every kept checkpoint are logged with the run."""
 
 from __future__ import annotations
 
@@ -10,43 +11,69 @@ from typing import Any
 import numpy as np
 
 from medsr.data.pairs import PairSet
+from medsr.perceptual import PERCEPTUAL_METRIC
 from medsr.training.checkpoint import load_generator
 from medsr.training.config import TrainConfig
+from medsr.training.data import validation_tracks
 from medsr.training.trainer import predict_image, train_generator
 
 
 def _metrics_of(entry: dict[str, Any]) -> dict[str, float]:
     metrics = {f"loss_{name}": float(value) for name, value in entry["losses"].items()}
     metrics.update(val_psnr=float(entry["val_psnr"]), val_ssim=float(entry["val_ssim"]),
-                   best_val_psnr=float(entry["best_val_psnr"]), train_scale=float(entry["scale"]))
-    for modality, scores in entry.get("val_per_modality", {}).items():
-        metrics[f"val_psnr_{modality}"] = float(scores["psnr"])
-        metrics[f"val_ssim_{modality}"] = float(scores["ssim"])
+                   val_gain_db=float(entry["val_gain_db"]), best_val_psnr=float(entry["best_val_psnr"]),
+                   train_scale=float(entry["scale"]), adversarial_phase=float(entry["phase"] == "adversarial"))
+    metrics[f"val_{PERCEPTUAL_METRIC}"] = float(entry[PERCEPTUAL_METRIC])
+    for track, scores in entry["val"].items():
+        metrics[f"val_psnr_{track}"] = float(scores["psnr"])
+        metrics[f"val_ssim_{track}"] = float(scores["ssim"])
+        metrics[f"val_{PERCEPTUAL_METRIC}_{track}"] = float(scores[PERCEPTUAL_METRIC])
+        metrics[f"bicubic_val_psnr_{track}"] = float(entry["bicubic_val"][track]["psnr"])
+        for modality, per in scores.get("per_modality", {}).items():
+            metrics[f"val_psnr_{track}_{modality}"] = float(per["psnr"])
+    for name, value in (entry.get("raw") or {}).items():  # raw weights beside the EMA ones
+        if isinstance(value, (int, float)):
+            metrics[f"raw_{name}"] = float(value)
     return metrics
 
 
-def train_tracked(config: TrainConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """Train ``config`` inside an MLflow run; returns what the train stage records in its metrics."""
+def _kept_summary(checkpoints: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What metrics/train/<model>.json records of each kept checkpoint."""
+    keys = ("file", "phase", "step", "rule", "weights", "val_psnr", "val_gain_db", PERCEPTUAL_METRIC,
+            "above_fidelity_floor", "val_psnr_per_track")
+    return {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items() if k in keys}
+            for name, record in sorted(checkpoints.items())}
+
+
+def train_tracked(config: TrainConfig, params: dict[str, Any], extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train ``config`` inside an MLflow run (``extra_tags`` added to its tags, e.g. the exact data
+    version of the pairs read); returns what the train stage records in its metrics."""
     import mlflow
 
     from medsr import tracking
     from medsr.models import build_generator
 
     started = time.perf_counter()
-    tags = {"model": config.model, "scale": str(config.scale), "profile": config.profile}
+    tags = {"model": config.model, "scale": str(config.scale), "profile": config.profile, **(extra_tags or {})}
     logged_params = {"train": config.to_dict(), "degrade": params.get("degrade", {}), "seed": params.get("seed")}
     with tracking.training_run(f"{config.model}-x{config.scale}", logged_params, tags) as run:
         result = train_generator(config, on_epoch=lambda entry: mlflow.log_metrics(_metrics_of(entry), step=int(entry["step"])))
+        kept = _kept_summary(result.checkpoints)
+        phase_tags = {f"{name}_phase": record["phase"] for name, record in kept.items()}
+        phase_tags.update({f"{name}_step": str(record["step"]) for name, record in kept.items()})
         mlflow.set_tags({"feature_loss": result.feature_loss_used, "device": result.device,
-                         "resumed_from_step": str(result.resumed_from_step), "stopped_early": str(result.stopped_early)})
+                         "resumed_from_step": str(result.resumed_from_step), "stopped_early": str(result.stopped_early),
+                         "perceptual_metric": PERCEPTUAL_METRIC, "validation_tracks": ",".join(result.extra["tracks"]),
+                         **phase_tags})
         if result.best_checkpoint is None:
             raise RuntimeError(f"{config.model} x{config.scale}: training ended without a validated checkpoint")
         generator = load_generator(result.best_checkpoint)
-        val = PairSet(Path(config.pairs_root) / "val" / f"x{config.scale}" / "standard")
+        val = PairSet(next(iter(validation_tracks(config.pairs_root, config.scale).values())))
         lr, hr = val.lr(0), val.hr(0)
         bicubic = predict_image(build_generator("bicubic", config.scale), lr)
         figure = tracking.comparison_figure(lr, bicubic, predict_image(generator, lr), hr,
-                                            f"{config.model} x{config.scale} ({val.pairs[0]['modality']}, val)")
+                                            f"{config.model} x{config.scale} ({val.pairs[0]['modality']}, val "
+                                            f"{val.folder.name}, {result.best_phase} step {result.best_step})")
         mlflow.log_figure(figure, "comparison.png")
         example = np.stack([val.lr(0)[:, :16, :16]] * 2)  # batch of 2: a batch of 1 would look fixed-size
         model_uri = tracking.log_generator(generator, example, {"model": config.model, "scale": config.scale,
@@ -61,6 +88,10 @@ def train_tracked(config: TrainConfig, params: dict[str, Any]) -> dict[str, Any]
             "steps_done": result.steps_done,
             "resumed_from_step": result.resumed_from_step,
             "stopped_early": result.stopped_early,
+            "best_phase": result.best_phase,
+            "checkpoints": kept,  # phase and step of every kept checkpoint (best, warmup, adversarial)
+            "bicubic_val_psnr": {t: round(v["psnr"], 4) for t, v in result.bicubic_val.items()},
+            "perceptual_metric": PERCEPTUAL_METRIC,
             "feature_loss": result.feature_loss_used,
             "seconds": round(time.perf_counter() - started, 1),
         }

@@ -3,12 +3,23 @@
 * Data: random patches of ``train/x<scale>/<kind>`` pairs (kind from the model spec:
   standard, blind or ssl) through a DataLoader; BrainSR follows its curriculum (x2 pairs first,
   then the target scale; standard pairs mixed with blind ones as the degradation strength
-  grows). Validation is always PSNR/SSIM on whole images of ``val/x<scale>/standard`` at the
-  target scale (the residual CNN too: trained VLR->LR on ssl pairs, judged LR->HR).
+  grows). Validation scores whole images of both evaluation tracks at the target scale,
+  ``val/x<scale>/clean`` and ``val/x<scale>/realistic`` (``val/.../standard`` alone for a pair
+  root written before the tracks existed): PSNR, SSIM and the perceptual score MS-GMSD
+  (:mod:`medsr.perceptual`) per track, against bicubic's scores computed once per run. The
+  residual CNN too is judged LR->HR although it trains VLR->LR on ssl pairs.
 * Adversarial models first train the generator alone on the pixel loss for ``warmup_steps``
   (SRGAN's SRResNet pre-training), then alternate a discriminator step and a generator step.
-  The validation at the end of the warm-up is a candidate for ``best.pt`` like any other, so
-  a short adversarial phase can never make the chosen model worse than its warm start.
+  The discriminator scores real and fake in one forward pass (one set of BatchNorm statistics).
+* Kept checkpoints (phase-aware, :data:`KEPT`): a plain model keeps ``best.pt``, the best mean
+  PSNR gain over bicubic across the tracks. A GAN keeps ``warmup.pt`` (the same criterion over
+  its pixel phase) and ``adversarial.pt`` (the lowest MS-GMSD among adversarial validations
+  whose clean-track PSNR is above bicubic's: a perceptual choice under a fidelity floor);
+  ``best.pt``, the one the pipeline ships, is the adversarial one when any qualifies, else the
+  warm-up one. Each records its ``phase`` and ``step``.
+* Schedule and EMA: ``lr_schedule`` (constant, step or cosine) drives both optimisers, per
+  phase; ``ema_decay`` keeps an exponential moving average of the generator, which is then
+  what is validated and kept, with the raw weights scored beside it.
 * Device: ``auto`` uses CUDA with float16 autocast and GradScaler when available, else CPU
   float32.
 * Safety: every loss term is checked each step; a NaN/inf stops the run naming the model, step
@@ -18,10 +29,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,15 +49,18 @@ from medsr.losses import (
     RECIPES,
     GeneratorLoss,
     build_feature_loss,
+    discriminate_jointly,
     discriminator_adversarial_loss,
-    forward_with_features,
     recipe_for_model,
 )
-from medsr.metrics import evaluate_pairs
+from medsr.metrics import psnr, ssim
 from medsr.models import build_discriminator, build_generator, model_spec
+from medsr.perceptual import PERCEPTUAL_METRIC, ms_gmsd
 from medsr.training.checkpoint import (
+    ADVERSARIAL_NAME,
     BEST_NAME,
     LAST_NAME,
+    WARMUP_NAME,
     architecture_fingerprint,
     assert_finite_parameters,
     check_compatible,
@@ -55,7 +70,13 @@ from medsr.training.checkpoint import (
     save_checkpoint,
 )
 from medsr.training.config import TrainConfig
-from medsr.training.data import Curriculum, PatchBatches, pair_set_path
+from medsr.training.data import FIDELITY_TRACK, Curriculum, PatchBatches, validation_tracks
+
+PHASE_PIXEL = "pixel"  # a plain model's only phase
+PHASE_WARMUP = "warmup"  # a GAN's pixel-loss pre-training
+PHASE_ADVERSARIAL = "adversarial"
+# Kept checkpoint -> file name. "best" is the shipped one; the others exist for GANs only.
+KEPT: dict[str, str] = {"best": BEST_NAME, "warmup": WARMUP_NAME, "adversarial": ADVERSARIAL_NAME}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,7 +90,7 @@ class TrainResult:
     best_checkpoint: Path | None  # None only when no validation has run yet (paused early)
     last_checkpoint: Path
     steps_done: int
-    best_val_psnr: float
+    best_val_psnr: float  # best.pt's mean validation PSNR over the tracks
     best_step: int | None
     history: list[dict[str, Any]]
     resumed_from_step: int | None  # None for a fresh run
@@ -77,7 +98,71 @@ class TrainResult:
     finished: bool  # reached config.steps or stopped early (False: paused by max_steps_this_run)
     feature_loss_used: str
     device: str
+    # Kept checkpoint name ("best", "warmup", "adversarial") -> {"file", "phase", "step", scores...}
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bicubic_val: dict[str, dict[str, float]] = field(default_factory=dict)  # track -> bicubic's scores
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_phase(self) -> str | None:
+        return self.checkpoints.get("best", {}).get("phase")
+
+
+def lr_factor(step: int, config: TrainConfig, *, adversarial: bool) -> float:
+    """Multiplier of the base learning rates for optimisation step ``step`` (1-based).
+
+    The schedule runs over the phase the step belongs to: a GAN's warm-up and its adversarial
+    phase each start at the full rate (SRGAN: 1e-4 for the first half of the GAN phase, 1e-5
+    after); a plain model has one phase, the whole run.
+    """
+    if config.lr_schedule == "constant":
+        return 1.0
+    if adversarial and 0 < config.warmup_steps < config.steps and step > config.warmup_steps:
+        start, length = config.warmup_steps, config.steps - config.warmup_steps
+    elif adversarial and config.warmup_steps > 0:
+        start, length = 0, config.warmup_steps
+    else:
+        start, length = 0, config.steps
+    progress = (step - 1 - start) / max(length, 1)  # 0 at the phase's first step, < 1 at its last
+    if config.lr_schedule == "step":
+        return float(config.lr_gamma ** sum(progress >= m for m in config.lr_milestones))
+    return config.lr_gamma + (1.0 - config.lr_gamma) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` for every parameter (Real-ESRGAN's EMA);
+    buffers (BatchNorm running statistics) are copied, since averaging them has no meaning."""
+    for averaged, current in zip(ema.parameters(), model.parameters(), strict=True):
+        averaged.mul_(decay).add_(current.detach(), alpha=1.0 - decay)
+    for averaged, current in zip(ema.buffers(), model.buffers(), strict=True):
+        averaged.copy_(current)
+
+
+def score_track(predict: Callable[[np.ndarray], np.ndarray], pairs: PairSet,
+                indices: Sequence[int] | None = None) -> dict[str, Any]:
+    """PSNR, SSIM and MS-GMSD of ``predict`` on whole images of one pair set, overall and per
+    modality (means of per-image scores, border = scale, as :func:`medsr.metrics.evaluate_pairs`)."""
+    border = pairs.scale
+    per_modality: dict[str, list[tuple[float, float, float]]] = {}
+    for i in (range(len(pairs)) if indices is None else indices):
+        hr = pairs.hr(i)
+        sr = np.asarray(predict(pairs.lr(i)))
+        if sr.shape != hr.shape:
+            raise ValueError(f"pair {pairs.pairs[i]['id']}: prediction {sr.shape} does not match HR {hr.shape}")
+        scores = (psnr(sr, hr, border=border), ssim(sr, hr, border=border), ms_gmsd(sr, hr, border=border))
+        per_modality.setdefault(pairs.pairs[i]["modality"], []).append(scores)
+    if not per_modality:
+        raise ValueError(f"{pairs.folder}: no pairs to evaluate")
+
+    def summary(values: list[tuple[float, float, float]]) -> dict[str, Any]:
+        array = np.asarray(values, dtype=np.float64)
+        return {"count": len(values), "psnr": float(array[:, 0].mean()), "ssim": float(array[:, 1].mean()),
+                PERCEPTUAL_METRIC: float(array[:, 2].mean())}
+
+    overall = summary([v for values in per_modality.values() for v in values])
+    overall["per_modality"] = {m: summary(v) for m, v in sorted(per_modality.items())}
+    return overall
 
 
 def resolve_device(name: str) -> torch.device:
@@ -153,6 +238,9 @@ class _Run:
                 raise ValueError(f"model {config.model!r} is adversarial but has no discriminator")
             self.discriminator = self.discriminator.to(self.device)
         self.fingerprint = architecture_fingerprint(config.model, config.scale, self.generator)
+        # The averaged copy is never trained: eval mode, no gradients.
+        self.ema = (copy.deepcopy(self.generator).eval().requires_grad_(False)
+                    if config.ema_decay is not None else None)
 
         loss_options = config.loss
         recipe_name = loss_options.get("recipe") or recipe_for_model(
@@ -182,21 +270,26 @@ class _Run:
 
         self.curriculum = _curriculum_for(config.model)
         self.multi_scale = self.curriculum is not None
-        self.val_pairs = PairSet(pair_set_path(config.pairs_root, "val", config.scale, "standard"))
-        if self.val_pairs.scale != config.scale:
-            raise ValueError(f"{self.val_pairs.folder}: scale {self.val_pairs.scale} is not the target x{config.scale}")
-        count = len(self.val_pairs)
-        if count == 0:
-            raise ValueError(f"{self.val_pairs.folder}: validation set is empty")
-        limit = config.val_max_images
-        # Evenly spaced, fixed subset: every modality stays represented and scores stay comparable.
-        self.val_indices = (None if limit is None or limit >= count
-                            else sorted({int(i) for i in np.linspace(0, count - 1, limit)}))
+        self.val_sets: dict[str, PairSet] = {}
+        self.val_indices: dict[str, list[int] | None] = {}
+        for track, folder in validation_tracks(config.pairs_root, config.scale).items():
+            pairs = PairSet(folder)
+            if pairs.scale != config.scale:
+                raise ValueError(f"{pairs.folder}: scale {pairs.scale} is not the target x{config.scale}")
+            count = len(pairs)
+            if count == 0:
+                raise ValueError(f"{pairs.folder}: validation set is empty")
+            limit = config.val_max_images
+            # Evenly spaced, fixed subset: every modality stays represented and scores stay comparable.
+            self.val_sets[track] = pairs
+            self.val_indices[track] = (None if limit is None or limit >= count
+                                       else sorted({int(i) for i in np.linspace(0, count - 1, limit)}))
+        self.fidelity_track = FIDELITY_TRACK if FIDELITY_TRACK in self.val_sets else next(iter(self.val_sets))
+        self.bicubic_val: dict[str, dict[str, Any]] = {}  # filled once per run, at the first validation
 
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        self.best_val_psnr = -math.inf
-        self.best_step: int | None = None
+        self.kept: dict[str, dict[str, Any]] = {}  # kept checkpoint name -> its record
         self.bad_validations = 0
         self.stopped_early = False
         self.resumed_from: int | None = None
@@ -206,19 +299,27 @@ class _Run:
         self.interval_start = time.monotonic()
 
     # ---------------------------------------------------------------- checkpoints
+    @property
+    def best_record(self) -> dict[str, Any]:
+        return self.kept.get("best", {})
+
     def _metadata(self) -> dict[str, Any]:
         c = self.config
+        best = self.best_record
         return {"model": c.model, "scale": c.scale, "model_options": dict(c.model_options),
-                "fingerprint": self.fingerprint, "step": self.step, "best_val_psnr": self.best_val_psnr,
-                "best_step": self.best_step, "profile": c.profile, "feature_loss": self.loss.feature_loss_note}
+                "fingerprint": self.fingerprint, "step": self.step,
+                "best_val_psnr": best.get("val_psnr", -math.inf), "best_step": best.get("step"),
+                "profile": c.profile, "feature_loss": self.loss.feature_loss_note}
 
     def save_last(self) -> None:
         assert_finite_parameters(self.generator, f"{self.config.model} generator at step {self.step}")
         save_checkpoint(self.last_path, {
             **self._metadata(),
             "kind": "last",
+            "phase": self.phase_of(self.step),
             "total_steps": self.config.steps,
             "generator": self.generator.state_dict(),
+            "generator_ema": self.ema.state_dict() if self.ema is not None else None,
             "discriminator": self.discriminator.state_dict() if self.discriminator is not None else None,
             "optimizer_g": self.opt_g.state_dict(),
             "optimizer_d": self.opt_d.state_dict() if self.opt_d is not None else None,
@@ -226,6 +327,7 @@ class _Run:
             "scaler_d": self.scaler_d.state_dict(),
             "rng": rng_state(),
             "history": self.history,
+            "kept": self.kept,
             "bad_validations": self.bad_validations,
             "stopped_early": self.stopped_early,
             # Running loss sums since the last validation, so a pause between validations does
@@ -235,10 +337,20 @@ class _Run:
             "config": self.config.to_dict(),
         })
 
-    def save_best(self, val: dict[str, Any]) -> None:
-        assert_finite_parameters(self.generator, f"{self.config.model} generator at step {self.step}")
-        save_checkpoint(self.best_path, {**self._metadata(), "kind": "best", "generator": self.generator.state_dict(),
-                                         "val": val})
+    def keep(self, name: str, entry: dict[str, Any], *, rule: str) -> None:
+        """Write the validated weights as kept checkpoint ``name`` and remember its record."""
+        weights = self.ema if self.ema is not None else self.generator
+        assert_finite_parameters(weights, f"{self.config.model} generator at step {self.step}")
+        record = {"file": KEPT[name], "phase": entry["phase"], "step": entry["step"], "rule": rule,
+                  "weights": "ema" if self.ema is not None else "raw",
+                  **{k: entry[k] for k in ("val_psnr", "val_ssim", PERCEPTUAL_METRIC, "val_gain_db",
+                                           "above_fidelity_floor")},
+                  "val_psnr_per_track": {t: v["psnr"] for t, v in entry["val"].items()}}
+        self.kept[name] = record
+        save_checkpoint(self.out_dir / KEPT[name], {
+            **self._metadata(), "kind": name, "phase": entry["phase"], "step": entry["step"],
+            "best_val_psnr": entry["val_psnr"], "best_step": entry["step"], "selection": record,
+            "generator": weights.state_dict(), "val": entry["val"], "bicubic_val": self.bicubic_val})
 
     def resume(self) -> None:
         payload = load_checkpoint(self.last_path)
@@ -251,6 +363,9 @@ class _Run:
         if (payload["discriminator"] is None) != (self.discriminator is None):
             raise ValueError(f"checkpoint {self.last_path}: discriminator presence differs from this run's model")
         self.generator.load_state_dict(payload["generator"])
+        if self.ema is not None:
+            # A run that enables EMA on resume starts its average from the current weights.
+            self.ema.load_state_dict(payload.get("generator_ema") or payload["generator"])
         self.opt_g.load_state_dict(payload["optimizer_g"])
         if self.discriminator is not None:
             self.discriminator.load_state_dict(payload["discriminator"])
@@ -263,8 +378,7 @@ class _Run:
         restore_rng_state(payload["rng"])
         self.step = int(payload["step"])
         self.history = list(payload["history"])
-        self.best_val_psnr = float(payload["best_val_psnr"])
-        self.best_step = payload["best_step"]
+        self.kept = dict(payload.get("kept") or {})
         self.bad_validations = int(payload["bad_validations"])
         self.stopped_early = bool(payload["stopped_early"])
         self.sums = {k: float(v) for k, v in payload["loss_sums"].items()}
@@ -272,6 +386,11 @@ class _Run:
         self.resumed_from = self.step
 
     # ---------------------------------------------------------------- steps
+    def phase_of(self, step: int) -> str:
+        if not self.adversarial:
+            return PHASE_PIXEL
+        return PHASE_WARMUP if step <= self.config.warmup_steps else PHASE_ADVERSARIAL
+
     def _autocast(self) -> torch.autocast:
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp)
 
@@ -295,84 +414,137 @@ class _Run:
         scaler.step(optimizer)
         scaler.update()
 
-    def _discriminate(self, image: Tensor, lr: Tensor, *, with_features: bool) -> tuple[Tensor, list[Tensor]]:
-        inputs = (image, lr) if self.spec.conditional_discriminator else (image,)
-        if with_features:
-            return forward_with_features(self.discriminator, *inputs)
-        return self.discriminator(*inputs), []
+    def _set_learning_rates(self) -> None:
+        factor = lr_factor(self.step, self.config, adversarial=self.adversarial)
+        for optimizer, base in ((self.opt_g, self.config.lr_generator), (self.opt_d, self.config.lr_discriminator)):
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = base * factor
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         lr = batch["lr"].to(self.device, non_blocking=True)
         hr = batch["hr"].to(self.device, non_blocking=True)
         scale = int(batch["scale"]) if self.multi_scale else None
-        warmup = self.step <= self.config.warmup_steps
+        warmup = self.phase_of(self.step) != PHASE_ADVERSARIAL
+        self._set_learning_rates()
         logged: dict[str, float] = {}
-        if not self.adversarial or warmup:
+        if warmup:
             with self._autocast():
                 sr = _forward(self.generator, lr, scale)
-                total, terms = self.loss(sr, hr, warmup=warmup)
+                total, terms = self.loss(sr, hr, warmup=self.adversarial)  # a GAN's warm-up: pixel term alone
             logged.update(self._check_finite(terms))
             self._apply(total, self.opt_g, self.scaler_g, self.generator)
+            self._update_ema()
             return logged
 
         # Discriminator step on a detached SR batch, then a generator step through the updated D.
+        # Real and fake go through D together, in both steps (see discriminate_jointly).
+        condition = (lr,) if self.spec.conditional_discriminator else ()
         _set_requires_grad(self.discriminator, True)
         with self._autocast():
             sr = _forward(self.generator, lr, scale)
-            real_logits, _ = self._discriminate(hr, lr, with_features=False)
-            fake_logits, _ = self._discriminate(sr.detach(), lr, with_features=False)
+            real_logits, fake_logits, _, _ = discriminate_jointly(self.discriminator, hr, sr.detach(), *condition)
             loss_d = discriminator_adversarial_loss(real_logits, fake_logits, relativistic=self.loss.relativistic)
         logged.update(self._check_finite({"d_adversarial": loss_d}))
         self._apply(loss_d, self.opt_d, self.scaler_d, self.discriminator)
 
         _set_requires_grad(self.discriminator, False)  # gradients reach SR through D, not D's weights
-        features = self.loss.needs_discriminator_features
         with self._autocast():
-            fake_logits, fake_features = self._discriminate(sr, lr, with_features=features)
-            with torch.no_grad():
-                real_logits, real_features = self._discriminate(hr, lr, with_features=features)
+            real_logits, fake_logits, real_features, fake_features = discriminate_jointly(
+                self.discriminator, hr, sr, *condition, with_features=self.loss.needs_discriminator_features)
             total, terms = self.loss(sr, hr, fake_logits=fake_logits, real_logits=real_logits,
                                      fake_features=fake_features or None, real_features=real_features or None)
         logged.update(self._check_finite({**terms, "total": total}))
         self._apply(total, self.opt_g, self.scaler_g, self.generator)
         _set_requires_grad(self.discriminator, True)
+        self._update_ema()
         return logged
 
+    def _update_ema(self) -> None:
+        if self.ema is not None and self.config.ema_decay is not None:
+            ema_update(self.ema, self.generator, self.config.ema_decay)
+
     # ---------------------------------------------------------------- validation
-    def validate(self) -> dict[str, Any]:
-        was_training = self.generator.training
-        self.generator.eval()
+    def _score(self, generator: nn.Module) -> dict[str, dict[str, Any]]:
+        was_training = generator.training
+        generator.eval()
         try:
-            val = evaluate_pairs(lambda lr: predict_image(self.generator, lr, self.device), self.val_pairs,
-                                 indices=self.val_indices)
+            return {track: score_track(lambda lr: predict_image(generator, lr, self.device), pairs,
+                                       self.val_indices[track])
+                    for track, pairs in self.val_sets.items()}
         finally:
-            self.generator.train(was_training)
-        if not math.isfinite(val["psnr"]):
-            raise NonFiniteLossError(f"{self.config.model} x{self.config.scale}: validation PSNR is {val['psnr']} at "
-                                     f"step {self.step}")
-        if not self.adversarial:
-            phase = "pixel"
-        else:
-            phase = "warmup" if self.step <= self.config.warmup_steps else "adversarial"
-        entry = {
+            generator.train(was_training)
+
+    def _summary(self, val: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        tracks = list(val)
+        return {
+            "val_psnr": float(np.mean([val[t]["psnr"] for t in tracks])),
+            "val_ssim": float(np.mean([val[t]["ssim"] for t in tracks])),
+            PERCEPTUAL_METRIC: float(np.mean([val[t][PERCEPTUAL_METRIC] for t in tracks])),
+            "val_gain_db": float(np.mean([val[t]["psnr"] - self.bicubic_val[t]["psnr"] for t in tracks])),
+            # The fidelity floor: an adversarial checkpoint must still beat bicubic on clean inputs.
+            "above_fidelity_floor": bool(val[self.fidelity_track]["psnr"]
+                                         > self.bicubic_val[self.fidelity_track]["psnr"]),
+        }
+
+    def validate(self) -> dict[str, Any]:
+        if not self.bicubic_val:
+            bicubic = build_generator("bicubic", self.config.scale).to(self.device)
+            self.bicubic_val = {t: {k: v for k, v in scores.items() if k != "per_modality"}
+                                for t, scores in self._score(bicubic).items()}
+        val = self._score(self.ema if self.ema is not None else self.generator)
+        summary = self._summary(val)
+        if not math.isfinite(summary["val_psnr"]):
+            raise NonFiniteLossError(f"{self.config.model} x{self.config.scale}: validation PSNR is "
+                                     f"{summary['val_psnr']} at step {self.step}")
+        entry: dict[str, Any] = {
             "step": self.step,
-            "phase": phase,
+            "phase": self.phase_of(self.step),
             "scale": self.last_scale,
             "losses": {k: v / max(self.sum_count, 1) for k, v in sorted(self.sums.items())},
-            "val_psnr": val["psnr"],
-            "val_ssim": val["ssim"],
-            "val_per_modality": val["per_modality"],
+            "val": {t: {k: v for k, v in scores.items()} for t, scores in val.items()},
+            **summary,
+            "bicubic_val": self.bicubic_val,
+            "val_per_modality": val[self.fidelity_track]["per_modality"],
             "seconds": time.monotonic() - self.interval_start,
         }
+        if self.ema is not None:  # the raw weights, measured against the average
+            raw = self._summary(self._score(self.generator))
+            entry["raw"] = raw
         self.sums, self.sum_count, self.interval_start = {}, 0, time.monotonic()
-        if val["psnr"] > self.best_val_psnr:
-            self.best_val_psnr, self.best_step, self.bad_validations = val["psnr"], self.step, 0
-            self.save_best(val)
-        else:
-            self.bad_validations += 1
-        entry["best_val_psnr"] = self.best_val_psnr
+        entry["kept"] = self._select(entry)
+        self.bad_validations = 0 if entry["kept"] else self.bad_validations + 1
+        entry["best_val_psnr"] = self.best_record.get("val_psnr", -math.inf)
         self.history.append(entry)
         return entry
+
+    def _select(self, entry: dict[str, Any]) -> list[str]:
+        """Update the kept checkpoints with this validation; returns the names it replaced."""
+        kept: list[str] = []
+        phase = entry["phase"]
+        if phase in (PHASE_PIXEL, PHASE_WARMUP):
+            name = "best" if phase == PHASE_PIXEL else "warmup"
+            if entry["val_gain_db"] > self.kept.get(name, {}).get("val_gain_db", -math.inf):
+                self.keep(name, entry, rule="best mean PSNR gain over bicubic across the tracks")
+                kept.append(name)
+            if phase == PHASE_WARMUP and name in kept and "adversarial" not in self.kept:
+                self.keep("best", entry, rule="warm-up checkpoint: no adversarial checkpoint above the fidelity floor")
+                kept.append("best")
+            return kept
+        previous = self.kept.get("adversarial", {}).get(PERCEPTUAL_METRIC, math.inf)
+        if entry["above_fidelity_floor"] and entry[PERCEPTUAL_METRIC] < previous:
+            self.keep("adversarial", entry, rule=f"lowest {PERCEPTUAL_METRIC} among adversarial validations "
+                                                  f"above bicubic's {self.fidelity_track}-track PSNR")
+            self.keep("best", entry, rule=self.kept["adversarial"]["rule"])
+            kept += ["adversarial", "best"]
+        elif "warmup" not in self.kept and "adversarial" not in self.kept and (
+                entry["val_gain_db"] > self.best_record.get("val_gain_db", -math.inf)):
+            # No warm-up phase (warmup_steps 0) and nothing above the floor yet: ship the most
+            # faithful adversarial weights rather than nothing, and say so in the rule.
+            self.keep("best", entry, rule="no warm-up and no adversarial checkpoint above the fidelity floor: "
+                                          "best mean PSNR gain")
+            kept.append("best")
+        return kept
 
 
 def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
@@ -387,9 +559,9 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
     if config.resume and run.last_path.exists():
         run.resume()
     else:
-        # A fresh run must not inherit another run's best model, nor be resumed from its state.
-        run.best_path.unlink(missing_ok=True)
-        run.last_path.unlink(missing_ok=True)
+        # A fresh run must not inherit another run's kept models, nor be resumed from its state.
+        for name in (*KEPT.values(), LAST_NAME):
+            (run.out_dir / name).unlink(missing_ok=True)
     start = run.step
     stop = config.steps if max_steps_this_run is None else min(config.steps, start + max_steps_this_run)
     done = run.stopped_early or start >= config.steps
@@ -407,8 +579,9 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
         run.generator.train()
         if run.discriminator is not None:
             run.discriminator.train()
+        batches = iter(loader)
         try:
-            for batch in loader:
+            for batch in batches:
                 run.step += 1
                 if batch["step"] != run.step:  # the loader must deliver steps in order
                     raise RuntimeError(f"data loader delivered step {batch['step']} for step {run.step}")
@@ -436,21 +609,41 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
                     break
         finally:
             progress.close()
+            _close(batches)
     if not run.last_path.exists():
         run.save_last()
 
+    best = run.best_record
     return TrainResult(
         best_checkpoint=run.best_path if run.best_path.exists() else None,
         last_checkpoint=run.last_path,
         steps_done=run.step,
-        best_val_psnr=run.best_val_psnr,
-        best_step=run.best_step,
+        best_val_psnr=best.get("val_psnr", -math.inf),
+        best_step=best.get("step"),
         history=run.history,
         resumed_from_step=run.resumed_from,
         stopped_early=run.stopped_early,
         finished=run.stopped_early or run.step >= config.steps,
         feature_loss_used=run.loss.feature_loss_note if run.adversarial else "not used (pixel loss only)",
         device=str(run.device),
-        extra={"recipe": run.loss.recipe.name, "amp": run.use_amp, "val_images": len(run.val_indices)
-               if run.val_indices is not None else len(run.val_pairs)},
+        checkpoints={name: dict(record) for name, record in run.kept.items()},
+        bicubic_val=run.bicubic_val,
+        extra={"recipe": run.loss.recipe.name, "amp": run.use_amp, "perceptual_metric": PERCEPTUAL_METRIC,
+               "fidelity_track": run.fidelity_track, "tracks": list(run.val_sets),
+               "val_images": {t: len(i) if i is not None else len(run.val_sets[t]) for t, i in run.val_indices.items()},
+               "ema_decay": config.ema_decay, "lr_schedule": config.lr_schedule},
     )
+
+
+def _close(batches: Any) -> None:
+    """Stop a DataLoader iterator's worker processes now, not whenever it is garbage collected.
+
+    The loop leaves its iterator early (``break`` at the pause/stop step, early stopping, an
+    exception). Left to the garbage collector, a multi-worker iterator that is still referenced
+    (by a traceback a caller keeps, or a reference cycle) outlives the run; at interpreter exit
+    multiprocessing terminates its daemonic workers before the iterator's finaliser runs, and
+    torch reports "DataLoader worker ... exited unexpectedly".
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # only the multi-process iterator has workers
+    if shutdown is not None:
+        shutdown()
