@@ -278,3 +278,18 @@ def benchmark_stage(params: dict[str, Any]) -> dict[str, Any]:
         sample_crops(models, scale, PAIRS_DIR, MODELS_DIR, plots / f"crops_x{scale}.png", tracks=tracks,
                      consistency=consistency)
     return report
+
+
+def score_generator(generator: nn.Module, scale: int, pairs_root: Path, *, split: str = "test",
+                    tracks: Sequence[str] = TRACKS, consistency: ConsistencySettings = ConsistencySettings(),
+                    device: str = "cpu") -> list[dict[str, Any]]:
+    """One generator's rows (as in ``results``, bicubic's numbers beside) on ``split``: the registry's re-evaluation."""
+    baseline = build_generator("bicubic", scale)
+    outputs = model_outputs(generator, "candidate", scale, consistency, device)
+    records: list[dict[str, Any]] = []
+    for track in tracks:
+        images = held_out_images(pairs_root, split, scale, track, {})
+        records += evaluate_images(lambda lr: {"bicubic": predict_image(baseline, lr, device),
+                                               **{k: v for k, v in outputs(lr).items() if k == "candidate"}},
+                                   images, scale)
+    return [row for row in summarize(records) if row["model"] == "candidate"]

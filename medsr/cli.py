@@ -147,6 +147,89 @@ def package(
     console.print(f"package: built Bento {bento_tag}; serve it with `bentoml serve {bento_tag} --host 127.0.0.1 --port 3000`")
 
 
+@app.command()
+def evaluate(
+    folder: Path = typer.Argument(..., help="A folder of your own HR images: DICOM, NIfTI, PNG or TIFF (searched recursively)."),
+    model: str = typer.Option("models:/medsr-x4@champion", "--model",
+                              help="models:/NAME@ALIAS, models:/NAME/VERSION, a registry version number, or a .pt checkpoint."),
+    scale: int = typer.Option(4, "--scale", help="2 or 4; must match the model."),
+    modality: str | None = typer.Option(None, "--modality", help="xray, ct or mri (default: folder name or DICOM tag)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write every number to this JSON file."),
+    consistency: bool = typer.Option(True, "--consistency/--no-consistency",
+                                     help="Apply params.yaml's consistency step to the model's output (as served)."),
+    params: Path = ParamsOption,
+) -> None:
+    """Model vs bicubic on your own images: PSNR/SSIM per image and on average, on the clean and realistic tracks."""
+    from medsr.atomic import write_json
+    from medsr.benchmark import model_outputs
+    from medsr.consistency import ConsistencySettings
+    from medsr.evaluation import evaluate_images, folder_images, load_upscaler, summarize
+    from medsr.models import build_generator
+    from medsr.params import ParamsError, load_params
+    from medsr.registry import RegistrySettings
+    from medsr.training.trainer import predict_image
+
+    def fail(message: str) -> None:
+        err_console.print(f"[bold red]medsr evaluate:[/] {message}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1)
+
+    try:
+        p = load_params(params)
+        degrade_params = p["degrade"]
+        tracks = list(degrade_params.get("tracks", ["clean", "realistic"]))
+        settings = ConsistencySettings.from_params(p.get("consistency") if consistency else None)
+        generator, label = load_upscaler(model, scale, registry_names=RegistrySettings.from_params(p).model_names)
+        images, skipped = folder_images(folder, scale, tracks, degrade_params, modality=modality,
+                                        tile_size=int(p["data"].get("tile_size", 256)),
+                                        max_pixels=int(p["data"].get("max_pixels", 100_000_000)))
+    except (ValueError, ParamsError, FileNotFoundError) as err:
+        fail(str(err))
+    except Exception as err:  # e.g. an unreachable registry: one line, not a traceback
+        fail(f"cannot load {model}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+    for line in skipped:
+        err_console.print(f"skipped {line}", soft_wrap=True, highlight=False)
+    if not images:
+        fail(f"{folder}: no usable image (see the lines above)")
+    baseline = build_generator("bicubic", scale)
+    outputs = model_outputs(generator, "model", scale, settings)
+    records = evaluate_images(lambda lr: {"bicubic": predict_image(baseline, lr), "model": outputs(lr)["model"]},
+                              images, scale)
+    rows = [r for r in summarize(records) if r["model"] == "model"]
+    per_image = []
+    by_key = {(r["key"], r["track"], r["model"]): r for r in records}
+    for r in records:
+        if r["model"] != "model":
+            continue
+        ref = by_key[(r["key"], r["track"], "bicubic")]
+        per_image.append({"image": r["key"], "file": r["source"], "modality": r["modality"], "track": r["track"],
+                          "psnr": round(r["psnr"], 4), "ssim": round(r["ssim"], 4),
+                          "bicubic_psnr": round(ref["psnr"], 4), "bicubic_ssim": round(ref["ssim"], 4),
+                          "gain_db": round(r["psnr"] - ref["psnr"], 4), "ssim_gain": round(r["ssim"] - ref["ssim"], 4)})
+    table = Table(title=f"{label} x{scale} vs bicubic, per image: PSNR dB / SSIM")
+    for column in ("image", "modality", *[f"{t} model" for t in tracks], *[f"{t} bicubic" for t in tracks], "gain dB"):
+        table.add_column(column, justify="left" if column in ("image", "modality") else "right")
+    for key in dict.fromkeys(r["image"] for r in per_image):
+        cells = {r["track"]: r for r in per_image if r["image"] == key}
+        first = next(iter(cells.values()))
+        table.add_row(key, first["modality"], *[f"{cells[t]['psnr']:.2f} / {cells[t]['ssim']:.3f}" for t in tracks],
+                      *[f"{cells[t]['bicubic_psnr']:.2f} / {cells[t]['bicubic_ssim']:.3f}" for t in tracks],
+                      " ".join(f"{cells[t]['gain_db']:+.2f}" for t in tracks))
+    console.print(table)
+    summary_table = Table(title="Mean per track and modality (n = images / files)")
+    for column in ("track", "modality", "n", "PSNR", "bicubic", "gain dB", "SSIM gain"):
+        summary_table.add_column(column, justify="left" if column in ("track", "modality") else "right")
+    for r in rows:
+        summary_table.add_row(r["track"], r["modality"], f"{r['images']} / {r['files']}", f"{r['psnr']:.2f}",
+                              f"{r['bicubic_psnr']:.2f}", f"{r['gain_db']:+.3f}", f"{r['ssim_gain']:+.4f}")
+    console.print(summary_table)
+    report = {"model": label, "scale": scale, "tracks": tracks, "consistency": settings.as_dict(),
+              "summary": [{k: v for k, v in r.items() if k != "model"} for r in rows], "per_image": per_image,
+              "skipped": skipped}
+    if json_out is not None:
+        write_json(json_out, report)
+        console.print(f"evaluate: written {json_out}")
+
+
 def _read_metrics(name: str) -> dict[str, Any]:
     path = Path("metrics") / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else {}

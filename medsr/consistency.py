@@ -7,7 +7,7 @@ antialiased bicubic downsampling (optionally after a Gaussian blur) and ``U`` pl
 upsampling, the operators of :mod:`medsr.degradations` in torch. On a clean input this lifts
 an over-smoothing model above bicubic by construction; on a noisy input the same step copies
 the noise back in, so its strength follows the input's noise level: ``w = 1 / (1 + (sigma /
-noise_threshold)^2)`` with ``sigma`` a robust wavelet (MAD) estimate of the LR noise
+noise_threshold)^4)`` with ``sigma`` a robust wavelet (MAD) estimate of the LR noise
 (scikit-image's ``estimate_sigma``) or a level the caller gives; the result is
 ``sr + w * (projected - sr)``.
 
@@ -82,7 +82,7 @@ def consistency_strength(noise_sigma: float, noise_threshold: float) -> float:
     """The back-projection weight in [0, 1] for an input with this noise level (1 when clean)."""
     if not math.isfinite(noise_sigma) or noise_sigma < 0:
         raise ValueError(f"noise_sigma must be a finite number >= 0, got {noise_sigma}")
-    return 1.0 / (1.0 + (noise_sigma / noise_threshold) ** 2)
+    return 1.0 / (1.0 + (noise_sigma / noise_threshold) ** 4)
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -104,8 +104,9 @@ def project_to_input(sr: np.ndarray, lr: np.ndarray, scale: int, *, steps: int, 
     if sr.shape[-2:] != (lr.shape[-2] * scale, lr.shape[-1] * scale):
         raise ValueError(f"SR image {sr.shape[-2:]} is not LR image {lr.shape[-2:]} times scale {scale}")
     with torch.no_grad():
-        x = torch.from_numpy(np.ascontiguousarray(sr, dtype=np.float32))[None]
-        target = torch.from_numpy(np.ascontiguousarray(lr, dtype=np.float32))[None]
+        # Copies: the inputs may be read-only memory maps, and torch must not alias them.
+        x = torch.from_numpy(np.array(sr, dtype=np.float32))[None]
+        target = torch.from_numpy(np.array(lr, dtype=np.float32))[None]
         for _ in range(int(steps)):
             down = F.interpolate(_blur(x, blur_sigma), size=target.shape[-2:], mode="bicubic",
                                  align_corners=False, antialias=True)

@@ -120,3 +120,121 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str = REFERENCE) 
         rows.append(row)
     order = {ALL: "~"}  # modalities alphabetically, then the all row
     return sorted(rows, key=lambda r: (r["model"] != reference, r["model"], r["track"], order.get(r["modality"], r["modality"])))
+
+
+# --------------------------------------------------------------------------- a user's own folder
+# `medsr evaluate`: HR files the project never saw, degraded here on both tracks, scored per image.
+
+MODALITY_OF_DICOM = {"CR": "xray", "DX": "xray", "MG": "xray", "CT": "ct", "MR": "mri"}
+
+
+def load_upscaler(spec: str, scale: int, *, registry_names: Mapping[int, str] | None = None,
+                  device: str = "cpu") -> tuple[Any, str]:
+    """A generator from ``spec``: ``models:/name@alias`` or ``models:/name/version`` (MLflow registry), a bare
+    version number (of ``registry_names[scale]``), or a ``.pt`` checkpoint file; returns it and a label.
+
+    Raises ValueError naming the spec and what to pass instead.
+    """
+    from pathlib import Path
+
+    from medsr.models import check_scale
+
+    scale = check_scale(scale)
+    if spec.isdigit():
+        name = (registry_names or {}).get(scale, f"medsr-x{scale}")
+        spec = f"models:/{name}/{spec}"
+    if spec.startswith("models:/"):
+        from medsr.tracking import load_logged_generator
+
+        generator, info = load_logged_generator(spec, device)
+        if int(info.get("scale", scale)) != scale:
+            raise ValueError(f"{spec} is a x{info.get('scale')} model, not x{scale}: pass --scale {info.get('scale')}")
+        return generator, spec
+    path = Path(spec)
+    if path.suffix == ".pt" and path.is_file():
+        from medsr.training.checkpoint import checkpoint_info, load_generator
+
+        info = checkpoint_info(path)
+        if int(info["scale"]) != scale:
+            raise ValueError(f"{path} is a x{info['scale']} checkpoint, not x{scale}: pass --scale {info['scale']}")
+        return load_generator(path, device), f"{info['model']} ({path}, step {info.get('step')}, phase {info.get('phase')})"
+    raise ValueError(f"model {spec!r} is neither models:/NAME@ALIAS, models:/NAME/VERSION, a version number "
+                     "nor an existing .pt checkpoint; e.g. --model models:/medsr-x4@champion")
+
+
+def guess_modality(path: Any, requested: str | None) -> str:
+    """``requested`` when given; else the folder name (xray/ct/mri) or the DICOM Modality tag."""
+    from pathlib import Path
+
+    from medsr.data import MODALITIES
+
+    if requested:
+        if requested not in MODALITIES:
+            raise ValueError(f"--modality {requested!r}: use one of {', '.join(MODALITIES)}")
+        return requested
+    path = Path(path)
+    for part in reversed(path.parent.parts):
+        if part in MODALITIES:
+            return part
+    try:
+        import pydicom
+
+        tag = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", ""))
+        if tag in MODALITY_OF_DICOM:
+            return MODALITY_OF_DICOM[tag]
+    except Exception:  # not DICOM or unreadable: the loader says so later, with the file named
+        pass
+    raise ValueError(f"{path.name}: cannot tell its modality (no xray/ct/mri folder, no DICOM Modality tag): "
+                     "pass --modality xray|ct|mri")
+
+
+def folder_images(folder: Any, scale: int, tracks: Sequence[str], degrade_params: Mapping[str, Any], *,
+                  modality: str | None = None, tile_size: int = 256, max_pixels: int = 100_000_000
+                  ) -> tuple[list[HeldOutImage], list[str]]:
+    """Every image of every supported file under ``folder``, tiled and degraded on each track.
+
+    Images are windowed as the pipeline loads them, cut into ``tile_size`` tiles as the pipeline
+    does, cropped to a multiple of ``scale``. A single-image file is keyed by its file name without
+    extension (the realistic track's noise seed; the relative path when two files share a name),
+    others by that, frame and tile. Returns the
+    images and one line per file that could not be used (the file named, with the fix).
+    """
+    from pathlib import Path
+
+    from medsr.data.loading import SUPPORTED_SUFFIXES, LoadError, load_image
+    from medsr.data.tiling import tile_image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder; pass a folder of DICOM, NIfTI, PNG or TIFF files")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                   and (p.name.lower().endswith(SUPPORTED_SUFFIXES) or "." not in p.name))
+    if not files:
+        raise ValueError(f"{root}: no DICOM, NIfTI, PNG or TIFF files in it")
+    images: list[HeldOutImage] = []
+    skipped: list[str] = []
+    used_stems: dict[str, str] = {}
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        try:
+            kind = guess_modality(path, modality)
+            loaded = load_image(path, kind, root=root, max_pixels=max_pixels)
+        except (LoadError, ValueError) as err:
+            skipped.append(f"{rel}: {err}")
+            continue
+        tiles = [(image, y, x, tile) for image in loaded for y, x, tile in tile_image(image, tile_size)]
+        for image, y, x, tile in tiles:
+            if min(tile.pixels.shape[-2:]) < scale * 4:
+                skipped.append(f"{rel}: a {tile.pixels.shape[-2]}x{tile.pixels.shape[-1]} image is too small for x{scale}")
+                continue
+            name = path.name.removesuffix(".gz")
+            stem = name.rsplit(".", 1)[0] if "." in name else name
+            stem = stem if stem not in used_stems or used_stems[stem] == rel else rel  # a clash: the path keeps it apart
+            used_stems.setdefault(stem, rel)
+            key = stem if len(tiles) == 1 else f"{stem}#f{image.frame}y{y}x{x}"
+            hr = deg.crop_to_multiple(tile.pixels, scale)
+            for track in tracks:
+                images.append(HeldOutImage(key=key, modality=kind, source=rel, track=track, hr=hr,
+                                           lr=track_lr(hr, scale, track, modality=kind, key=key,
+                                                       degrade_params=degrade_params)))
+    return images, skipped

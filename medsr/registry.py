@@ -52,7 +52,7 @@ CHALLENGER = "challenger"
 METRICS_DIR = Path("metrics")
 PAIRS_DIR = Path("data/pairs")
 REGISTER_METRICS = METRICS_DIR / "register.json"
-TEST_KIND = "standard"  # every model is judged on test/x<scale>/standard (README)
+# Scores are kept per cell "<track>/<modality>" (clean and realistic tracks, README "Metrics").
 DESCRIPTION_LIMIT = 4800  # MLflow stores a version description in a 5000-character column
 
 
@@ -72,6 +72,7 @@ class RegistrySettings:
     min_gain_db: float
     max_modality_loss_db: float
     experiment: str
+    min_images_per_modality: int = 1
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RegistrySettings:
@@ -79,7 +80,8 @@ class RegistrySettings:
         names = {int(str(key).lstrip("x")): str(value) for key, value in (cfg.get("model_names") or {}).items()}
         return cls(model_names=names, min_gain_db=float(cfg.get("min_gain_db", 0.0)),
                    max_modality_loss_db=float(cfg.get("max_modality_loss_db", 0.0)),
-                   experiment=str(cfg.get("experiment", "medsr-registry")))
+                   experiment=str(cfg.get("experiment", "medsr-registry")),
+                   min_images_per_modality=int(cfg.get("min_images_per_modality", 1)))
 
     def name_for(self, scale: int) -> str:
         """The registered model of ``scale`` (``registry.model_names.x<scale>``, else ``medsr-x<scale>``)."""
@@ -201,9 +203,14 @@ def _versions(client: MlflowClient, name: str, filter_extra: str = "") -> list[M
 # Scores
 
 
+def cell_name(track: str, modality: str) -> str:
+    """The key of one benchmark cell: ``clean/xray``, ``realistic/mri`` ..."""
+    return f"{track}/{modality}"
+
+
 @dataclass
 class ModalityScore:
-    """One modality's test numbers (PSNR in dB, SSIM) next to bicubic's on the same images."""
+    """One cell's (track and modality) test numbers (PSNR in dB, SSIM) next to bicubic's on the same images."""
 
     psnr: float
     ssim: float
@@ -211,6 +218,8 @@ class ModalityScore:
     bicubic_ssim: float
     images: int = 0
     val_gain_db: float | None = None
+    val_ssim_gain: float | None = None
+    val_images: int = 0
 
     @property
     def gain_db(self) -> float:
@@ -230,6 +239,7 @@ class Scores:
     source: str  # "benchmark", "tags" or "re-evaluated"
 
     def mean_gain_db(self, modalities: Sequence[str] | None = None) -> float:
+        """Mean test gain over the given cells (default: all), each cell weighing the same."""
         chosen = [m for m in (modalities or self.per_modality) if m in self.per_modality]
         return statistics.fmean(self.per_modality[m].gain_db for m in chosen) if chosen else float("nan")
 
@@ -238,7 +248,8 @@ class Scores:
         return {
             "mean_test_gain_db": round(self.mean_gain_db(chosen), 4),
             "per_modality": {m: {"psnr": round(s.psnr, 4), "ssim": round(s.ssim, 4), "gain_db": round(s.gain_db, 4),
-                                 "bicubic_psnr": round(s.bicubic_psnr, 4)} for m, s in ((m, self.per_modality[m]) for m in chosen)},
+                                 "ssim_gain": round(s.ssim_gain, 4), "bicubic_psnr": round(s.bicubic_psnr, 4),
+                                 "images": s.images} for m, s in ((m, self.per_modality[m]) for m in chosen)},
             "data_version": self.data_version,
             "source": self.source,
         }
@@ -259,7 +270,8 @@ class Candidate:
         return statistics.fmean(gains) if gains else float("nan")
 
     def worst_val_modality(self) -> tuple[str, float]:
-        modality, score = min(self.scores.per_modality.items(), key=lambda item: _or_nan(item[1].val_gain_db))
+        judged = {m: s for m, s in self.scores.per_modality.items() if s.val_images > 0} or self.scores.per_modality
+        modality, score = min(judged.items(), key=lambda item: _or_nan(item[1].val_gain_db))
         return modality, _or_nan(score.val_gain_db)
 
 
@@ -273,82 +285,94 @@ def candidates_from_benchmark(report: Mapping[str, Any], scale: int, data_versio
     for row in report.get("results", []):
         if int(row["scale"]) != int(scale) or row["model"] == "bicubic" or row["modality"] == "all":
             continue
-        by_model.setdefault(row["model"], {})[row["modality"]] = ModalityScore(
+        by_model.setdefault(row["model"], {})[cell_name(row.get("track", "clean"), row["modality"])] = ModalityScore(
             psnr=float(row["psnr"]), ssim=float(row["ssim"]), bicubic_psnr=float(row["bicubic_psnr"]),
             bicubic_ssim=float(row["bicubic_ssim"]), images=int(row.get("images", 0)),
-            val_gain_db=None if row.get("val_gain_db") is None else float(row["val_gain_db"]))
+            val_gain_db=None if row.get("val_gain_db") is None else float(row["val_gain_db"]),
+            val_ssim_gain=None if row.get("val_ssim_gain") is None else float(row["val_ssim_gain"]),
+            val_images=int(row.get("val_images") or 0))
     details = report.get("models", {})
     return [Candidate(model, int(scale), Scores(per_modality, data_version, "benchmark"),
                       dict(details.get(model, {}).get(f"x{scale}", {})))
             for model, per_modality in by_model.items()]
 
 
-def choose_best(candidates: Sequence[Candidate], max_modality_loss_db: float = 0.0) -> tuple[Candidate | None, str]:
-    """The eligible candidate with the highest mean validation gain, and a one-line reason."""
-    def eligible(candidate: Candidate) -> bool:
-        gains = [s.val_gain_db for s in candidate.scores.per_modality.values()]
-        return bool(gains) and all(g is not None and g == g and g >= -max_modality_loss_db for g in gains)
+def is_eligible(candidate: Candidate, max_modality_loss_db: float = 0.0) -> bool:
+    """Beats bicubic on every validation cell (track x modality): PSNR gain above ``-max_modality_loss_db``
+    (strictly positive at the default 0) and SSIM no worse. Cells with no validation images are not
+    judged here (tuning on test is not allowed); at least one cell must have some."""
+    judged = [s for s in candidate.scores.per_modality.values() if s.val_images > 0]
+    def beats(s: ModalityScore) -> bool:
+        gain, ssim_gain = _or_nan(s.val_gain_db), _or_nan(s.val_ssim_gain if s.val_ssim_gain is not None else 0.0)
+        return gain > -max_modality_loss_db and ssim_gain >= -1e-4 if max_modality_loss_db == 0 else gain >= -max_modality_loss_db
+    return bool(judged) and all(beats(s) for s in judged)
 
-    ranked = sorted((c for c in candidates if eligible(c)), key=lambda c: c.mean_val_gain_db, reverse=True)
+
+def choose_best(candidates: Sequence[Candidate], max_modality_loss_db: float = 0.0) -> tuple[Candidate | None, str]:
+    """The eligible candidate (:func:`is_eligible`) with the highest mean validation gain, and a one-line reason.
+
+    Pure: no tracking store is touched, so the rule is tested on plain numbers.
+    """
+    ranked = sorted((c for c in candidates if is_eligible(c, max_modality_loss_db)),
+                    key=lambda c: c.mean_val_gain_db, reverse=True)
     if ranked:
         best = ranked[0]
-        return best, (f"{best.model}: best mean validation gain over bicubic ({best.mean_val_gain_db:+.3f} dB) "
-                      f"among {len(ranked)} eligible of {len(candidates)}")
+        return best, (f"{best.model}: best mean validation gain over bicubic across tracks and modalities "
+                      f"({best.mean_val_gain_db:+.3f} dB) among {len(ranked)} eligible of {len(candidates)}")
     if not candidates:
         return None, "no trained model in the benchmark"
     worst = [f"{c.model} ({c.worst_val_modality()[0]} {c.worst_val_modality()[1]:+.2f} dB)" for c in candidates]
-    bar = ("at least as good as bicubic" if max_modality_loss_db == 0
+    bar = ("better than bicubic" if max_modality_loss_db == 0
            else f"within {max_modality_loss_db:g} dB of bicubic")
-    return None, (f"no model is {bar} on every modality of the validation split (registry.max_modality_loss_db): "
-                  + ", ".join(worst))
+    return None, (f"no model is {bar} on every track and modality of the validation split "
+                  "(registry.max_modality_loss_db): " + ", ".join(worst))
 
 
 def scores_from_tags(tags: Mapping[str, str]) -> Scores | None:
     """Scores recorded on a version at registration (``test.<modality>.psnr`` ...); None if absent."""
     per_modality: dict[str, ModalityScore] = {}
-    modalities = {key.split(".")[1] for key in tags if key.startswith("test.") and key.endswith(".psnr")}
+    modalities = {key[len("test."):-len(".psnr")] for key in tags
+                  if key.startswith("test.") and key.endswith(".psnr") and "/" in key}
     try:
         for m in sorted(modalities):
             val_gain = tags.get(f"val.{m}.gain_db")
+            val_ssim = tags.get(f"val.{m}.ssim_gain")
             per_modality[m] = ModalityScore(
                 psnr=float(tags[f"test.{m}.psnr"]), ssim=float(tags[f"test.{m}.ssim"]),
                 bicubic_psnr=float(tags[f"test.{m}.bicubic_psnr"]), bicubic_ssim=float(tags[f"test.{m}.bicubic_ssim"]),
-                images=int(tags.get(f"test.{m}.images", 0)), val_gain_db=None if val_gain is None else float(val_gain))
+                images=int(tags.get(f"test.{m}.images", 0)), val_gain_db=None if val_gain is None else float(val_gain),
+                val_ssim_gain=None if val_ssim is None else float(val_ssim))
     except (KeyError, ValueError):
         return None
     return Scores(per_modality, tags.get("data_version", "unknown"), "tags") if per_modality else None
 
 
 def bicubic_reference(scale: int, pairs_root: Path, report: Mapping[str, Any] | None = None) -> dict[str, tuple[float, float]]:
-    """Bicubic's (PSNR, SSIM) per modality on the current test pairs: from the benchmark, else measured."""
-    if report is not None:
-        rows = [r for r in report.get("results", [])
-                if r["model"] == "bicubic" and int(r["scale"]) == int(scale) and r["modality"] != "all"]
-        if rows:
-            return {r["modality"]: (float(r["psnr"]), float(r["ssim"])) for r in rows}
-    from medsr.benchmark import evaluate_generator
-    from medsr.models import build_generator
-
-    scores = evaluate_generator(build_generator("bicubic", scale), _test_pairs(pairs_root, scale))
-    return {m: (s["psnr"], s["ssim"]) for m, s in scores.items() if m != "all"}
+    """Bicubic's (PSNR, SSIM) per cell on the current test pairs, from the benchmark report."""
+    rows = [r for r in (report or {}).get("results", [])
+            if r["model"] == "bicubic" and int(r["scale"]) == int(scale) and r["modality"] != "all"]
+    return {cell_name(r.get("track", "clean"), r["modality"]): (float(r["psnr"]), float(r["ssim"])) for r in rows}
 
 
-def _test_pairs(pairs_root: Path, scale: int) -> Any:
-    from medsr.data.pairs import PairSet
-
-    folder = Path(pairs_root) / "test" / f"x{scale}" / TEST_KIND
-    if not (folder / "index.json").is_file():
-        raise RegistryError(f"cannot compare on the current test split: {folder} is missing; run `dvc repro degrade` first")
-    return PairSet(folder)
+def _check_test_pairs(pairs_root: Path, scale: int, tracks: Sequence[str]) -> None:
+    for track in tracks:
+        folder = Path(pairs_root) / "test" / f"x{scale}" / track
+        if not (folder / "index.json").is_file():
+            raise RegistryError(f"cannot compare on the current test split: {folder} is missing; run `dvc repro degrade` first")
 
 
 def evaluate_version(name: str, version: str, scale: int, pairs_root: Path, data_version: str,
-                     bicubic: Mapping[str, tuple[float, float]]) -> Scores:
-    """Load a registered version and score it on the current test pairs (same definition as the benchmark)."""
-    from medsr.benchmark import evaluate_generator
+                     bicubic: Mapping[str, tuple[float, float]] | None = None,
+                     params: Mapping[str, Any] | None = None) -> Scores:
+    """Load a registered version and score it on the current test tracks (same definition as the benchmark)."""
+    from medsr.benchmark import score_generator
+    from medsr.consistency import ConsistencySettings
+    from medsr.data.pairing import TRACKS
     from medsr.tracking import load_logged_generator
 
-    pairs = _test_pairs(pairs_root, scale)
+    params = dict(params or {})
+    tracks = list((params.get("degrade") or {}).get("tracks", TRACKS))
+    _check_test_pairs(pairs_root, scale, tracks)
     try:
         generator, _spec = load_logged_generator(f"models:/{name}/{version}")
     except Exception as err:  # a missing artifact store, a foreign model: say which version could not be loaded
@@ -356,22 +380,23 @@ def evaluate_version(name: str, version: str, scale: int, pairs_root: Path, data
         raise RegistryError(f"cannot load {name} version {version} to re-evaluate it on the current test split "
                             f"({type(err).__name__}: {detail}); choose the champion by hand: "
                             f"`medsr registry promote VERSION --scale {scale} --force --reason \"...\"`") from err
-    scores = evaluate_generator(generator, pairs)
-    per_modality = {m: ModalityScore(psnr=s["psnr"], ssim=s["ssim"], bicubic_psnr=bicubic[m][0], bicubic_ssim=bicubic[m][1],
-                                     images=int(s["count"]))
-                    for m, s in scores.items() if m != "all" and m in bicubic}
+    rows = score_generator(generator, scale, Path(pairs_root), tracks=tracks,
+                           consistency=ConsistencySettings.from_params(params.get("consistency")))
+    per_modality = {cell_name(r["track"], r["modality"]): ModalityScore(
+        psnr=r["psnr"], ssim=r["ssim"], bicubic_psnr=r["bicubic_psnr"], bicubic_ssim=r["bicubic_ssim"], images=r["images"])
+        for r in rows if r["modality"] != "all"}
     return Scores(per_modality, data_version, "re-evaluated")
 
 
 def scores_on_current_split(version: ModelVersion, scale: int, pairs_root: Path, data_version: str,
-                            bicubic: Mapping[str, tuple[float, float]] | None) -> Scores:
+                            bicubic: Mapping[str, tuple[float, float]] | None,
+                            params: Mapping[str, Any] | None = None) -> Scores:
     """A version's scores on the current test split: its tags when they were measured on this data
     version, else a re-evaluation on the current test pairs."""
     recorded = scores_from_tags(version.tags)
     if recorded is not None and recorded.data_version == data_version:
         return recorded
-    reference = dict(bicubic) if bicubic is not None else bicubic_reference(scale, pairs_root)
-    return evaluate_version(version.name, str(version.version), scale, pairs_root, data_version, reference)
+    return evaluate_version(version.name, str(version.version), scale, pairs_root, data_version, bicubic, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,13 +413,18 @@ class Comparison:
     reason: str
 
 
-def compare(challenger: Scores, champion: Scores | None, min_gain_db: float) -> Comparison:
-    """Promote only when the challenger's mean test gain beats the champion's by ``min_gain_db``."""
+def compare(challenger: Scores, champion: Scores | None, min_gain_db: float, min_images: int = 1) -> Comparison:
+    """Promote only when the challenger's mean test gain (over track x modality cells that both were
+    scored on with at least ``min_images`` images) beats the champion's by ``min_gain_db``. Pure."""
+    def counted(scores: Scores) -> set[str]:
+        return {m for m, s in scores.per_modality.items() if s.images >= min_images or s.images == 0}
+
     if champion is None:
         return Comparison("promote", None, sorted(challenger.per_modality), "no champion yet")
-    common = sorted(set(challenger.per_modality) & set(champion.per_modality))
+    common = sorted(counted(challenger) & counted(champion))
     if not common:
-        return Comparison("keep", None, [], "challenger and champion share no test modality: kept as challenger")
+        return Comparison("keep", None, [], f"challenger and champion share no test cell with >= {min_images} images: "
+                          "kept as challenger")
     delta = challenger.mean_gain_db(common) - champion.mean_gain_db(common)
     verdict = "beats" if delta > 0 and delta >= min_gain_db else "does not beat"
     action = "promote" if verdict == "beats" else "keep"
@@ -420,6 +450,8 @@ def _score_tags(scores: Scores) -> dict[str, str]:
                      f"test.{m}.bicubic_ssim": _fmt(s.bicubic_ssim), f"test.{m}.images": str(s.images)})
         if s.val_gain_db is not None:
             tags[f"val.{m}.gain_db"] = _fmt(s.val_gain_db)
+        if s.val_ssim_gain is not None:
+            tags[f"val.{m}.ssim_gain"] = _fmt(s.val_ssim_gain)
     tags["test.mean_gain_db"] = _fmt(scores.mean_gain_db())
     tags["data_version"] = scores.data_version
     return tags
@@ -450,7 +482,8 @@ def version_tags(candidate: Candidate, run: Any, current_commit: str) -> dict[st
         "val.mean_gain_db": _fmt(candidate.mean_val_gain_db),
         **_score_tags(candidate.scores),
     }
-    for key in ("params", "macs_per_output_mpixel", "cpu_latency_ms_256", "trained_steps", "best_val_psnr", "feature_loss"):
+    for key in ("params", "macs_per_output_mpixel", "cpu_latency_ms_256", "trained_steps", "phase", "best_val_psnr",
+                "feature_loss"):
         if details.get(key) is not None:
             tags[key] = str(details[key])
     return tags
@@ -498,8 +531,10 @@ def model_card(name: str, version: ModelVersion | None, tags: Mapping[str, str],
     lines = [f"# {name} version {version.version if version else '?'}: {tags.get('model', '?')} x{tags.get('scale', '?')}", "",
              "Super-resolution of chest X-ray, CT and brain MRI (1-channel, intensities windowed to [0, 1]). "
              "Research use only: not a medical device, not for diagnosis.", "",
-             "## Test split (standard degradation)", "",
-             "| modality | images | PSNR dB | SSIM | bicubic PSNR | gain dB | SSIM gain | val gain dB |",
+             "## Test split: clean and realistic tracks", "",
+             "Held-out whole files (or gap-separated regions of a one-file modality); `clean`: antialiased bicubic "
+             "down only; `realistic`: blur + the modality's noise. Scored with the consistency step.", "",
+             "| track/modality | images | PSNR dB | SSIM | bicubic PSNR | gain dB | SSIM gain | val gain dB |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     if scores:
         for m, s in sorted(scores.per_modality.items()):
@@ -512,6 +547,8 @@ def model_card(name: str, version: ModelVersion | None, tags: Mapping[str, str],
               f"- architecture: `{tags.get('model', '?')}`, scale x{tags.get('scale', '?')}, {tags.get('params', '?')} parameters, "
               f"{tags.get('macs_per_output_mpixel', '?')} MACs per output megapixel",
               f"- CPU latency for a 256x256 input: {tags.get('cpu_latency_ms_256', '?')} ms",
+              f"- checkpoint phase: `{tags.get('phase', '?')}` (pixel: a pixel-loss network; warmup: a GAN's pixel warm-up; "
+              "adversarial: trained as a GAN)",
               f"- trained {tags.get('trained_at', '?')} for {tags.get('trained_steps', '?')} steps (profile `{tags.get('profile', '?')}`, "
               f"feature loss `{tags.get('feature_loss', '?')}`), best validation PSNR {tags.get('best_val_psnr', '?')} dB",
               f"- MLflow run `{tags.get('run_id', '?')}`, params hash `{tags.get('params_hash', '?')}`, git commit `{tags.get('git_commit', '?')}`",
@@ -568,12 +605,16 @@ def _train_result(train_dir: Path, model: str, scale: int) -> dict[str, Any]:
 
 
 def register_scale(client: MlflowClient, settings: RegistrySettings, scale: int, report: Mapping[str, Any],
-                   train_dir: Path, pairs_root: Path, data_version: str, current_commit: str) -> dict[str, Any]:
+                   train_dir: Path, pairs_root: Path, data_version: str, current_commit: str,
+                   params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Select, register and decide for one scale; returns the decision record."""
     name = settings.name_for(scale)
     best, why = choose_best(candidates_from_benchmark(report, scale, data_version), settings.max_modality_loss_db)
     decision: dict[str, Any] = {"registered_model": name, "scale": scale, "selection": why, "data_version": data_version,
-                                "min_gain_db": settings.min_gain_db}
+                                "min_gain_db": settings.min_gain_db,
+                                "min_images_per_modality": settings.min_images_per_modality,
+                                # the image keys (hashed ids, no file names) every number of this decision rests on
+                                "images": (report.get("images") or {}).get(f"x{scale}", {})}
     champion = alias_version(client, name, CHAMPION)
     champion_number = str(champion.version) if champion is not None else None
     decision["champion_before"] = {"version": champion_number, "model": champion.tags.get("model")} if champion else None
@@ -597,8 +638,8 @@ def register_scale(client: MlflowClient, settings: RegistrySettings, scale: int,
         champion_scores = None
         if champion is not None:
             champion_scores = scores_on_current_split(champion, scale, pairs_root, data_version,
-                                                      bicubic_reference(scale, pairs_root, report))
-        comparison = compare(best.scores, champion_scores, settings.min_gain_db)
+                                                      bicubic_reference(scale, pairs_root, report), params)
+        comparison = compare(best.scores, champion_scores, settings.min_gain_db, settings.min_images_per_modality)
         compared_on = f"test split, data version {data_version}"
         if champion is not None and champion_scores is not None:
             if champion_scores.source == "re-evaluated":
@@ -638,7 +679,7 @@ def register_best(params: Mapping[str, Any], report: Mapping[str, Any], *, train
     commit = tracking.git_commit(Path.cwd())
     scales = [int(s) for s in section(dict(params), "degrade.scales")]
     decisions = {f"x{scale}": register_scale(client, settings, scale, report, Path(train_dir), Path(pairs_root),
-                                             version_of_data, commit) for scale in scales}
+                                             version_of_data, commit, params) for scale in scales}
     return {"tracking_uri": redact_uri(tracking.tracking_uri()), "data_version": version_of_data, "decisions": decisions}
 
 
@@ -773,9 +814,8 @@ def promote(params: Mapping[str, Any], name: str, version: str, *, force: bool =
     if champion is not None:
         data_version = tracking.data_version(Path(pairs_root))
         try:
-            bicubic = bicubic_reference(scale, Path(pairs_root))
-            challenger_scores = scores_on_current_split(candidate, scale, Path(pairs_root), data_version, bicubic)
-            champion_scores = scores_on_current_split(champion, scale, Path(pairs_root), data_version, bicubic)
+            challenger_scores = scores_on_current_split(candidate, scale, Path(pairs_root), data_version, None, params)
+            champion_scores = scores_on_current_split(champion, scale, Path(pairs_root), data_version, None, params)
         except RegistryError:
             if not force:
                 raise

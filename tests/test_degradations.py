@@ -334,3 +334,95 @@ def test_registry_names_match_functions() -> None:
     assert {"degrade_standard", "degrade_blind", "degrade_vlr", "degrade_bicubic"} <= set(deg.DEGRADATIONS)
     for name, fn in deg.DEGRADATIONS.items():
         assert fn.__name__ == name and fn is getattr(deg, name)
+
+
+# --------------------------------------------------------------------------- the pair builder's noise
+# These go through medsr.data.pairing, the code that writes data/pairs, so a pipeline that reuses one
+# noise field for every image, or adds noise before downsampling, fails here.
+
+def _pair_params(noise_kind: str = "gaussian", level: float = 0.02, **extra: object) -> dict[str, object]:
+    return {"seed": 7, "scales": [4], "blur_sigma": 0.6, "ssl": False, "tracks": ["clean", "realistic"],
+            "noise": {m: {"kind": noise_kind, "level": level} for m in ("xray", "ct", "mri")},
+            "blind": {"blur_sigma": [0.2, 2.0], "resize_factor": [0.7, 1.3], "noise_level": [0.0, 0.03],
+                      "jpeg_quality": [60, 95]}, **extra}
+
+
+def _flat_pairs(tmp_path, kind: str, params: dict[str, object], n: int = 2, side: int = 256,
+                value: float = 0.5):
+    import pandas as pd
+
+    from medsr.data.pairing import _pairs
+
+    rows = []
+    for i in range(n):
+        name = f"img{i}.npy"
+        np.save(tmp_path / name, np.full((1, side, side), value, np.float32))
+        rows.append({"id": f"xray-{i:04d}", "modality": "xray", "array": name, "split": "test"})
+    return list(_pairs(pd.DataFrame(rows), tmp_path, 4, kind, params))
+
+
+def test_two_images_get_independent_noise(tmp_path) -> None:
+    first, second = _flat_pairs(tmp_path, "realistic", _pair_params())
+    noise_a = (first.lr - 0.5).ravel()
+    noise_b = (second.lr - 0.5).ravel()
+    assert noise_a.std() > 0.01 and noise_b.std() > 0.01
+    assert abs(float(np.corrcoef(noise_a, noise_b)[0, 1])) < 0.1  # 4096 samples: |r| ~ 0.016 by chance
+
+
+def test_noise_is_added_in_lr_space_at_the_stated_level(tmp_path) -> None:
+    # On a flat image, blur and antialiased downsampling change nothing; noise added after them keeps
+    # its full standard deviation. Added before downsampling it would be averaged down ~scale-fold.
+    for level in (0.01, 0.03):
+        (pair,) = _flat_pairs(tmp_path, "realistic", _pair_params(level=level), n=1)
+        core = pair.lr[0, 4:-4, 4:-4]
+        assert core.std() == pytest.approx(level, rel=0.08)
+        assert core.mean() == pytest.approx(0.5, abs=level / 10)
+
+
+def test_clean_track_has_no_noise_and_no_blur(tmp_path) -> None:
+    (pair,) = _flat_pairs(tmp_path, "clean", _pair_params(), n=1)
+    assert np.array_equal(pair.lr, deg.degrade_bicubic(pair.hr, 4))
+
+
+def test_a_written_pair_rebuilds_byte_exactly_from_its_seed_keys(tmp_path) -> None:
+    import pandas as pd
+
+    from medsr.data.pairing import build_pair_sets
+    from medsr.data.pairs import PairSet
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(3):
+        name = f"img{i}.npy"
+        np.save(tmp_path / name, rng.random((1, 64, 72), dtype=np.float32))
+        rows.append({"id": f"ct-{i}", "modality": "ct", "array": name, "split": "test"})
+    params = _pair_params("poisson", 0.01, train_range={"clean_fraction": 0.3, "blur_sigma": [0.0, 1.0],
+                                                         "noise_factor": [0.0, 2.0]})
+    build_pair_sets(pd.DataFrame(rows), tmp_path, tmp_path / "pairs", params)
+    for kind in ("realistic", "standard"):
+        stored = PairSet(tmp_path / "pairs" / "test" / "x4" / kind)
+        i = 2
+        key = stored.pairs[i]["id"]
+        hr = deg.crop_to_multiple(np.load(tmp_path / f"img{i}.npy"), 4)
+        rng_i = deg.rng_for(7, key, 4, kind)
+        if kind == "standard":
+            drawn = deg.draw_standard_parameters(rng_i, clean_fraction=0.3, blur_sigma=(0.0, 1.0),
+                                                 noise_factor=(0.0, 2.0), noise_level=0.01)
+            assert stored.pairs[i]["degradation"] == pytest.approx(drawn.as_dict(), abs=1e-6)
+        else:
+            drawn = deg.StandardParameters(0.6, 0.01)
+        rebuilt = deg.degrade_standard(hr, 4, blur_sigma=drawn.blur_sigma, noise_kind="poisson",
+                                       noise_level=drawn.noise_level, rng=rng_i)
+        assert rebuilt.tobytes() == stored.lr(i).tobytes()
+        assert hr.tobytes() == stored.hr(i).tobytes()
+
+
+def test_training_range_spans_clean_to_beyond_realistic() -> None:
+    draws = [deg.draw_standard_parameters(deg.rng_for(1, k), clean_fraction=0.3, blur_sigma=(0.0, 1.0),
+                                          noise_factor=(0.0, 2.0), noise_level=0.01) for k in range(2000)]
+    clean = sum(d.blur_sigma == 0.0 and d.noise_level == 0.0 for d in draws) / len(draws)
+    assert clean == pytest.approx(0.3, abs=0.04)
+    assert max(d.noise_level for d in draws) > 0.015 and max(d.blur_sigma for d in draws) > 0.9
+    with pytest.raises(ValueError, match="clean_fraction"):
+        deg.draw_standard_parameters(deg.rng_for(1), clean_fraction=1.5, blur_sigma=(0, 1), noise_factor=(0, 2),
+                                     noise_level=0.01)

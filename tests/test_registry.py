@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCALE = 2
 NAME = "medsr-x2"
 MODALITIES = ("ct", "mri", "xray")
+TRACKS = ("clean", "realistic")
 PAIRS = Path("data/pairs")
 TRAIN_DIR = Path("metrics/train")
 
@@ -37,11 +38,11 @@ class LoggedRun:
 
 @dataclass(frozen=True)
 class Store:
-    """A folder with mlflow.db (three logged generators), mlartifacts/ and data/pairs/test/x2/standard."""
+    """A folder with mlflow.db (three logged generators), mlartifacts/ and data/pairs/test/x2/<track>."""
 
     root: Path
     runs: tuple[LoggedRun, ...]
-    bicubic: dict[str, tuple[float, float]]  # real bicubic (PSNR, SSIM) per modality on the test pairs
+    bicubic: dict[str, tuple[float, float]]  # real bicubic (PSNR, SSIM) per cell "<track>/<modality>" on the test pairs
 
 
 def _write_test_pairs(pairs_root: Path) -> None:
@@ -57,7 +58,10 @@ def _write_test_pairs(pairs_root: Path) -> None:
             hr = np.clip(gaussian_filter(rng.random((32, 32)), 2.0) * 3 - 1, 0, 1).astype(np.float32)[None]
             lr = F.interpolate(torch.from_numpy(hr)[None], scale_factor=1 / SCALE, mode="bicubic", antialias=True)
             items.append(PairItem(f"{modality}-{i}", modality, hr, lr.clamp(0, 1)[0].numpy()))
-    write_pairs(pairs_root / "test" / f"x{SCALE}" / "standard", items, scale=SCALE)
+    for track in TRACKS:
+        noisy = [PairItem(i.id, i.modality, i.hr, np.clip(i.lr + (0.01 if track == "realistic" else 0.0), 0, 1)
+                          .astype(np.float32)) for i in items]
+        write_pairs(pairs_root / "test" / f"x{SCALE}" / track, noisy, scale=SCALE)
 
 
 def _log_generator_run(seed: int) -> LoggedRun:
@@ -78,9 +82,10 @@ def _log_generator_run(seed: int) -> LoggedRun:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    from medsr.benchmark import evaluate_generator
-    from medsr.data.pairs import PairSet
+    from medsr.benchmark import held_out_images
+    from medsr.evaluation import evaluate_images, summarize
     from medsr.models import build_generator
+    from medsr.training.trainer import predict_image
 
     root = tmp_path_factory.mktemp("registry-store")
     with pytest.MonkeyPatch.context() as patch:
@@ -88,8 +93,11 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         _write_test_pairs(root / PAIRS)
         runs = tuple(_log_generator_run(seed) for seed in (1, 2, 3))
-        scores = evaluate_generator(build_generator("bicubic", SCALE), PairSet(root / PAIRS / "test" / "x2" / "standard"))
-    return Store(root, runs, {m: (s["psnr"], s["ssim"]) for m, s in scores.items() if m != "all"})
+        bicubic = build_generator("bicubic", SCALE)
+        records = [r for t in TRACKS for r in evaluate_images(lambda lr: {"bicubic": predict_image(bicubic, lr)},
+                                                              held_out_images(root / PAIRS, "test", SCALE, t, {}), SCALE)]
+    rows = summarize(records)
+    return Store(root, runs, {f"{r['track']}/{r['modality']}": (r["psnr"], r["ssim"]) for r in rows if r["modality"] != "all"})
 
 
 @pytest.fixture
@@ -108,22 +116,28 @@ def workspace(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def params(**registry: Any) -> dict[str, Any]:
     """The project's registry settings (as params.yaml has them) at one scale, with overrides."""
     loaded = load_params(REPO_ROOT / "params.yaml")
-    return {"degrade": {"scales": [SCALE]}, "registry": {**loaded["registry"], **registry}}
+    return {"degrade": {"scales": [SCALE], "tracks": list(TRACKS)}, "consistency": loaded["consistency"],
+            "registry": {**loaded["registry"], **registry}}
 
 
 def report(store: Store, gains: dict[str, dict[str, tuple[float, float]]]) -> dict[str, Any]:
     """A benchmark report: per model and modality (test gain dB, validation gain dB) over the real bicubic."""
     rows = []
     for model, per_modality in {"bicubic": {m: (0.0, 0.0) for m in MODALITIES}, **gains}.items():
-        for modality, (test_gain, val_gain) in per_modality.items():
-            bicubic_psnr, bicubic_ssim = store.bicubic[modality]
-            rows.append({"model": model, "scale": SCALE, "modality": modality, "images": 2,
-                         "psnr": bicubic_psnr + test_gain, "ssim": bicubic_ssim + test_gain / 100,
-                         "bicubic_psnr": bicubic_psnr, "bicubic_ssim": bicubic_ssim, "gain_db": test_gain,
-                         "ssim_gain": test_gain / 100, "val_psnr": 30 + val_gain, "val_gain_db": val_gain})
+        for key, (test_gain, val_gain) in per_modality.items():
+            # A gain given per modality holds on both tracks; "track/modality" keys set one cell.
+            for track in ([key.split("/")[0]] if "/" in key else TRACKS):
+                modality = key.split("/")[-1]
+                bicubic_psnr, bicubic_ssim = store.bicubic[f"{track}/{modality}"]
+                rows.append({"model": model, "scale": SCALE, "track": track, "modality": modality, "images": 2,
+                             "psnr": bicubic_psnr + test_gain, "ssim": bicubic_ssim + test_gain / 100,
+                             "bicubic_psnr": bicubic_psnr, "bicubic_ssim": bicubic_ssim, "gain_db": test_gain,
+                             "ssim_gain": test_gain / 100, "val_gain_db": val_gain, "val_ssim_gain": val_gain / 100,
+                             "val_images": 2})
     models = {m: {f"x{SCALE}": {"params": 1234, "macs_per_output_mpixel": 5.0e8, "cpu_latency_ms_256": 3.5,
                                 "trained_steps": 12, "best_val_psnr": 31.0, "feature_loss": "none"}} for m in gains}
-    return {"definition": "test definition", "results": rows, "models": models}
+    images = {"test": {t: {m: [f"{m}-0", f"{m}-1"] for m in MODALITIES} for t in TRACKS}}
+    return {"definition": "test definition", "results": rows, "models": models, "images": {f"x{SCALE}": images}}
 
 
 def uniform(test_gain: float, val_gain: float = 0.1) -> dict[str, tuple[float, float]]:
@@ -177,14 +191,17 @@ def test_best_eligible_model_is_registered_as_champion_with_tags_card_and_decisi
     tags = champion.tags
     assert tags["model"] == "espcn" and tags["scale"] == "2" and len(tags["params_hash"]) == 16
     assert tags["git_commit"] and tags["trained_at"].startswith("20") and tags["data_version"].startswith("index:")
-    assert float(tags["test.xray.gain_db"]) == pytest.approx(0.3) and float(tags["val.mri.gain_db"]) == pytest.approx(0.1)
-    assert float(tags["test.ct.psnr"]) == pytest.approx(store.bicubic["ct"][0] + 0.1, abs=1e-4)
+    assert float(tags["test.clean/xray.gain_db"]) == pytest.approx(0.3)
+    assert float(tags["val.realistic/mri.gain_db"]) == pytest.approx(0.1)
+    assert float(tags["test.realistic/ct.psnr"]) == pytest.approx(store.bicubic["realistic/ct"][0] + 0.1, abs=1e-4)
     assert float(tags["test.mean_gain_db"]) == pytest.approx(0.2)
     assert tags["params"] == "1234" and tags["cpu_latency_ms_256"] == "3.5" and tags["decision"] == "promoted"
-    assert champion.description.startswith("# medsr-x2 version 1: espcn x2") and "| xray |" in champion.description
+    assert champion.description.startswith("# medsr-x2 version 1: espcn x2") and "| clean/xray |" in champion.description
 
     run = mlflow_client.get_run(tags["decision_run_id"])
     assert run.data.tags["decision"] == "promoted" and run.data.tags["registered_model"] == NAME
+    # The decision names the images behind it.
+    assert decision["images"]["test"]["clean"]["xray"] == ["xray-0", "xray-1"]
     artifacts = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
     assert {"model_card.md", "decision.json"} <= artifacts
     experiment = mlflow_client.get_experiment(run.info.experiment_id)
@@ -226,8 +243,8 @@ def test_registering_the_same_run_again_adds_no_version(store: Store, workspace:
 
 
 def test_champion_scored_on_other_data_is_re_evaluated_on_the_current_test_pairs(store: Store, workspace: Path) -> None:
-    from medsr.benchmark import evaluate_generator
-    from medsr.data.pairs import PairSet
+    from medsr.benchmark import score_generator
+    from medsr.consistency import ConsistencySettings
     from medsr.tracking import load_logged_generator
 
     register(store, {"espcn": uniform(5.0)}, {"espcn": store.runs[0]}, data_version="dvc:old-data")
@@ -237,26 +254,29 @@ def test_champion_scored_on_other_data_is_re_evaluated_on_the_current_test_pairs
     assert decision["champion"]["source"] == "re-evaluated"
     assert "re-evaluated" in decision["compared_on"] and "dvc:old-data" in decision["compared_on"]
     generator, _ = load_logged_generator(f"models:/{NAME}/1")
-    expected = evaluate_generator(generator, PairSet(PAIRS / "test" / "x2" / "standard"))
-    for modality in MODALITIES:
-        measured = decision["champion"]["per_modality"][modality]
-        assert measured["psnr"] == pytest.approx(expected[modality]["psnr"], abs=1e-3)
-        assert measured["gain_db"] == pytest.approx(expected[modality]["psnr"] - store.bicubic[modality][0], abs=1e-3)
-    champion_mean = np.mean([expected[m]["psnr"] - store.bicubic[m][0] for m in MODALITIES])
+    consistency = ConsistencySettings.from_params(load_params(REPO_ROOT / "params.yaml")["consistency"])
+    rows = score_generator(generator, SCALE, PAIRS, tracks=TRACKS, consistency=consistency)
+    expected = {f"{r['track']}/{r['modality']}": r["psnr"] for r in rows if r["modality"] != "all"}
+    assert sorted(expected) == sorted(store.bicubic)
+    for cell, psnr in expected.items():
+        measured = decision["champion"]["per_modality"][cell]
+        assert measured["psnr"] == pytest.approx(psnr, abs=1e-3)
+        assert measured["gain_db"] == pytest.approx(psnr - store.bicubic[cell][0], abs=1e-3)
+    champion_mean = np.mean([psnr - store.bicubic[cell][0] for cell, psnr in expected.items()])
     assert decision["delta_db"] == pytest.approx(0.1 - champion_mean, abs=1e-3)
     assert decision["action"] == ("promoted" if 0.1 - champion_mean >= 0.05 else "kept")
 
 
 def test_no_model_better_than_bicubic_everywhere_registers_nothing(store: Store, workspace: Path) -> None:
-    decision = register(store, {"espcn": {"ct": (0.3, 0.3), "mri": (0.1, -0.05), "xray": (0.2, 0.2)}},
-                        {"espcn": store.runs[0]})
+    # Better than bicubic everywhere but on the realistic MRI cell of the validation split: not eligible.
+    gains = {"ct": (0.3, 0.3), "clean/mri": (0.1, 0.2), "realistic/mri": (0.1, -0.05), "xray": (0.2, 0.2)}
+    decision = register(store, {"espcn": gains}, {"espcn": store.runs[0]})
     assert decision["action"] == "none" and decision["version"] is None
-    assert "espcn (mri -0.05 dB)" in decision["reason"]
+    assert "espcn (realistic/mri -0.05 dB)" in decision["reason"]
     assert client().search_model_versions(f"name='{NAME}'") == []
     assert client().get_run(decision["decision_run_id"]).data.tags["decision"] == "none"
     # The tolerance is a parameter: within 0.1 dB of bicubic counts as not worse.
-    tolerated = register(store, {"espcn": {"ct": (0.3, 0.3), "mri": (0.1, -0.05), "xray": (0.2, 0.2)}},
-                         {"espcn": store.runs[0]}, max_modality_loss_db=0.1)
+    tolerated = register(store, {"espcn": gains}, {"espcn": store.runs[0]}, max_modality_loss_db=0.1)
     assert tolerated["action"] == "promoted"
 
 
