@@ -100,23 +100,37 @@ def benchmark(params: Path = ParamsOption) -> None:
 
 
 def print_results() -> None:
-    """The model x modality table of test PSNR / SSIM / gain over bicubic."""
+    """Per scale: each model's gain over bicubic (PSNR dB / SSIM) on the test split, per track and modality, with n."""
     report = _read_metrics("benchmark")
     if not report:
         return
-    for scale in sorted({r["scale"] for r in report["results"]}):
-        rows = [r for r in report["results"] if r["scale"] == scale]
-        modalities = sorted({r["modality"] for r in rows} - {"all"}) + (["all"] if any(r["modality"] == "all" for r in rows) else [])
-        table = Table(title=f"Test split, x{scale}: PSNR dB / SSIM / gain over bicubic dB")
+    rows_all = [r for r in report["results"] if "track" in r]
+    for scale in sorted({r["scale"] for r in rows_all}):
+        rows = [r for r in rows_all if r["scale"] == scale]
+        cells = sorted({(r["track"], r["modality"]) for r in rows}, key=lambda c: (c[0], c[1] == "all", c[1]))
+        table = Table(title=f"Test split, x{scale}: gain over bicubic, PSNR dB / SSIM (bicubic row: its PSNR / SSIM); "
+                            "n = images / files")
         table.add_column("model")
-        for modality in modalities:
-            table.add_column(modality, justify="right")
+        table.add_column("phase")
+        for track, modality in cells:
+            table.add_column(f"{track}\n{modality}", justify="right")
+        n_cells = []
+        for track, modality in cells:
+            match = [r for r in rows if r["model"] == "bicubic" and (r["track"], r["modality"]) == (track, modality)]
+            n_cells.append(f"{match[0]['images']} / {match[0]['files']}" if match else "-")
+        table.add_row("n", "", *n_cells)
         for model in dict.fromkeys(r["model"] for r in rows):
-            cells = []
-            for modality in modalities:
-                match = [r for r in rows if r["model"] == model and r["modality"] == modality]
-                cells.append(f"{match[0]['psnr']:.2f} / {match[0]['ssim']:.3f} / {match[0]['gain_db']:+.2f}" if match else "-")
-            table.add_row(model, *cells)
+            out = []
+            for track, modality in cells:
+                match = [r for r in rows if r["model"] == model and (r["track"], r["modality"]) == (track, modality)]
+                if not match:
+                    out.append("-")
+                elif model == "bicubic":
+                    out.append(f"{match[0]['psnr']:.2f} / {match[0]['ssim']:.3f}")
+                else:
+                    out.append(f"{match[0]['gain_db']:+.2f} / {match[0]['ssim_gain']:+.3f}")
+            phase = next((r.get("phase") or "" for r in rows if r["model"] == model), "")
+            table.add_row(model, phase, *out)
         console.print(table)
 
 
@@ -161,13 +175,9 @@ def evaluate(
 ) -> None:
     """Model vs bicubic on your own images: PSNR/SSIM per image and on average, on the clean and realistic tracks."""
     from medsr.atomic import write_json
-    from medsr.benchmark import model_outputs
-    from medsr.consistency import ConsistencySettings
-    from medsr.evaluation import evaluate_images, folder_images, load_upscaler, summarize
-    from medsr.models import build_generator
+    from medsr.evaluation import evaluate_folder, load_upscaler
     from medsr.params import ParamsError, load_params
     from medsr.registry import RegistrySettings
-    from medsr.training.trainer import predict_image
 
     def fail(message: str) -> None:
         err_console.print(f"[bold red]medsr evaluate:[/] {message}", soft_wrap=True, highlight=False)
@@ -175,37 +185,25 @@ def evaluate(
 
     try:
         p = load_params(params)
-        degrade_params = p["degrade"]
-        tracks = list(degrade_params.get("tracks", ["clean", "realistic"]))
-        settings = ConsistencySettings.from_params(p.get("consistency") if consistency else None)
         generator, label = load_upscaler(model, scale, registry_names=RegistrySettings.from_params(p).model_names)
-        images, skipped = folder_images(folder, scale, tracks, degrade_params, modality=modality,
-                                        tile_size=int(p["data"].get("tile_size", 256)),
-                                        max_pixels=int(p["data"].get("max_pixels", 100_000_000)))
+        report = evaluate_folder(folder, generator, scale, p, label=label, modality=modality, consistency=consistency)
     except (ValueError, ParamsError, FileNotFoundError) as err:
         fail(str(err))
     except Exception as err:  # e.g. an unreachable registry: one line, not a traceback
         fail(f"cannot load {model}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
-    for line in skipped:
+    for line in report["skipped"]:
         err_console.print(f"skipped {line}", soft_wrap=True, highlight=False)
-    if not images:
-        fail(f"{folder}: no usable image (see the lines above)")
-    baseline = build_generator("bicubic", scale)
-    outputs = model_outputs(generator, "model", scale, settings)
-    records = evaluate_images(lambda lr: {"bicubic": predict_image(baseline, lr), "model": outputs(lr)["model"]},
-                              images, scale)
-    rows = [r for r in summarize(records) if r["model"] == "model"]
-    per_image = []
-    by_key = {(r["key"], r["track"], r["model"]): r for r in records}
-    for r in records:
-        if r["model"] != "model":
-            continue
-        ref = by_key[(r["key"], r["track"], "bicubic")]
-        per_image.append({"image": r["key"], "file": r["source"], "modality": r["modality"], "track": r["track"],
-                          "psnr": round(r["psnr"], 4), "ssim": round(r["ssim"], 4),
-                          "bicubic_psnr": round(ref["psnr"], 4), "bicubic_ssim": round(ref["ssim"], 4),
-                          "gain_db": round(r["psnr"] - ref["psnr"], 4), "ssim_gain": round(r["ssim"] - ref["ssim"], 4)})
-    table = Table(title=f"{label} x{scale} vs bicubic, per image: PSNR dB / SSIM")
+    print_evaluation(report)
+    if json_out is not None:
+        write_json(json_out, report)
+        console.print(f"evaluate: written {json_out}")
+
+
+def print_evaluation(report: dict[str, Any]) -> None:
+    """The per-image table and the per-track, per-modality means of an :func:`evaluate_folder` report."""
+    tracks = report["tracks"]
+    per_image = report["per_image"]
+    table = Table(title=f"{report['model']} x{report['scale']} vs bicubic, per image: PSNR dB / SSIM")
     for column in ("image", "modality", *[f"{t} model" for t in tracks], *[f"{t} bicubic" for t in tracks], "gain dB"):
         table.add_column(column, justify="left" if column in ("image", "modality") else "right")
     for key in dict.fromkeys(r["image"] for r in per_image):
@@ -218,16 +216,10 @@ def evaluate(
     summary_table = Table(title="Mean per track and modality (n = images / files)")
     for column in ("track", "modality", "n", "PSNR", "bicubic", "gain dB", "SSIM gain"):
         summary_table.add_column(column, justify="left" if column in ("track", "modality") else "right")
-    for r in rows:
+    for r in report["summary"]:
         summary_table.add_row(r["track"], r["modality"], f"{r['images']} / {r['files']}", f"{r['psnr']:.2f}",
                               f"{r['bicubic_psnr']:.2f}", f"{r['gain_db']:+.3f}", f"{r['ssim_gain']:+.4f}")
     console.print(summary_table)
-    report = {"model": label, "scale": scale, "tracks": tracks, "consistency": settings.as_dict(),
-              "summary": [{k: v for k, v in r.items() if k != "model"} for r in rows], "per_image": per_image,
-              "skipped": skipped}
-    if json_out is not None:
-        write_json(json_out, report)
-        console.print(f"evaluate: written {json_out}")
 
 
 def _read_metrics(name: str) -> dict[str, Any]:

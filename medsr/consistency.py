@@ -75,7 +75,9 @@ def estimate_noise_sigma(lr: np.ndarray) -> float:
     check_contract(lr, "LR image")
     if min(lr.shape[-2:]) < 4:
         return 0.0
-    return float(estimate_sigma(lr[0].astype(np.float64), channel_axis=None))
+    sigma = float(estimate_sigma(lr[0].astype(np.float64), channel_axis=None))
+    # A flat (e.g. saturated) image has no wavelet detail: scikit-image returns NaN; there is no noise to see.
+    return sigma if math.isfinite(sigma) else 0.0
 
 
 def consistency_strength(noise_sigma: float, noise_threshold: float) -> float:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from medsr import degradations as deg
-from medsr.metrics import FOREGROUND_MODALITIES, foreground_mask, psnr, psnr_in_mask, ssim, ssim_in_mask
+from medsr.metrics import FOREGROUND_MODALITIES, foreground_mask, psnr, psnr_in_mask, ssim_with_foreground
 
 REFERENCE = "bicubic"
 ALL = "all"
@@ -55,14 +55,10 @@ def track_lr(hr: np.ndarray, scale: int, track: str, *, modality: str, key: str,
 
 def score_image(sr: np.ndarray, hr: np.ndarray, *, scale: int, modality: str) -> dict[str, float]:
     """PSNR/SSIM of one prediction, plus foreground PSNR/SSIM for CT and MRI (NaN where no mask)."""
-    scores = {"psnr": psnr(sr, hr, border=scale), "ssim": ssim(sr, hr, border=scale),
-              "psnr_fg": math.nan, "ssim_fg": math.nan}
-    if modality in FOREGROUND_MODALITIES:
-        mask = foreground_mask(hr, border=scale)
-        if mask is not None:
-            scores["psnr_fg"] = psnr_in_mask(sr, hr, mask, border=scale)
-            scores["ssim_fg"] = ssim_in_mask(sr, hr, mask, border=scale)
-    return scores
+    mask = foreground_mask(hr, border=scale) if modality in FOREGROUND_MODALITIES else None
+    whole, inside = ssim_with_foreground(sr, hr, mask, border=scale)
+    return {"psnr": psnr(sr, hr, border=scale), "ssim": whole,
+            "psnr_fg": psnr_in_mask(sr, hr, mask, border=scale) if mask is not None else math.nan, "ssim_fg": inside}
 
 
 def evaluate_images(predict_all: Callable[[np.ndarray], Mapping[str, np.ndarray]], images: Iterable[HeldOutImage],
@@ -238,3 +234,44 @@ def folder_images(folder: Any, scale: int, tracks: Sequence[str], degrade_params
                                            lr=track_lr(hr, scale, track, modality=kind, key=key,
                                                        degrade_params=degrade_params)))
     return images, skipped
+
+
+def evaluate_folder(folder: Any, generator: Any, scale: int, params: Mapping[str, Any], *, label: str,
+                    modality: str | None = None, consistency: bool = True) -> dict[str, Any]:
+    """Everything ``medsr evaluate`` reports for one model on one folder (see :func:`folder_images`).
+
+    Returns ``{"model", "scale", "tracks", "consistency", "summary": rows per track and modality,
+    "per_image": one row per image and track, "skipped": lines}``. Raises ValueError when nothing
+    in the folder can be used.
+    """
+    from medsr.benchmark import model_outputs
+    from medsr.consistency import ConsistencySettings
+    from medsr.models import build_generator
+    from medsr.training.trainer import predict_image
+
+    degrade_params = params["degrade"]
+    tracks = list(degrade_params.get("tracks", ["clean", "realistic"]))
+    settings = ConsistencySettings.from_params(params.get("consistency") if consistency else None)
+    data = params.get("data") or {}
+    images, skipped = folder_images(folder, scale, tracks, degrade_params, modality=modality,
+                                    tile_size=int(data.get("tile_size", 256)),
+                                    max_pixels=int(data.get("max_pixels", 100_000_000)))
+    if not images:
+        raise ValueError(f"{folder}: no usable image; " + ("; ".join(skipped[:3]) or "nothing readable"))
+    baseline = build_generator("bicubic", scale)
+    outputs = model_outputs(generator, "model", scale, settings)
+    records = evaluate_images(lambda lr: {"bicubic": predict_image(baseline, lr), "model": outputs(lr)["model"]},
+                              images, scale)
+    by_key = {(r["key"], r["track"], r["model"]): r for r in records}
+    per_image = []
+    for r in records:
+        if r["model"] != "model":
+            continue
+        ref = by_key[(r["key"], r["track"], "bicubic")]
+        per_image.append({"image": r["key"], "file": r["source"], "modality": r["modality"], "track": r["track"],
+                          "psnr": round(r["psnr"], 4), "ssim": round(r["ssim"], 4),
+                          "bicubic_psnr": round(ref["psnr"], 4), "bicubic_ssim": round(ref["ssim"], 4),
+                          "gain_db": round(r["psnr"] - ref["psnr"], 4), "ssim_gain": round(r["ssim"] - ref["ssim"], 4)})
+    summary = [{k: v for k, v in r.items() if k != "model"} for r in summarize(records) if r["model"] == "model"]
+    return {"model": label, "scale": scale, "tracks": tracks, "consistency": settings.as_dict(),
+            "summary": summary, "per_image": per_image, "skipped": skipped}

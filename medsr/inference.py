@@ -30,6 +30,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,11 +60,14 @@ class PhaseTimer:
     """Seconds spent per named phase of one request, in the order the phases first ran.
 
     One timer belongs to one request; phases may repeat (every tile's forward adds to
-    ``forward``), so a request's time is attributed without double counting.
+    ``forward``) and may overlap (the consistency score runs beside the encoder), so the sum of
+    the phases can exceed the wall-clock :meth:`elapsed`.
     """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -74,10 +78,16 @@ class PhaseTimer:
             self.add(name, time.perf_counter() - started)
 
     def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        with self._lock:  # phases may run on two threads at once (the score beside the encoder)
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def total(self) -> float:
+        """Sum of the phases (more than :meth:`elapsed` where phases overlapped)."""
         return sum(self.seconds.values())
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds since the timer was made."""
+        return time.perf_counter() - self.started
 
 
 @contextlib.contextmanager
@@ -119,7 +129,8 @@ BICUBIC_RADIUS = 2
 hooks on modules cannot see (``F.interpolate``), and the residual CNN runs its convs on it."""
 
 _GLOBAL_MODULES = (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d, torch.nn.Linear)
-_RADIUS_CACHE: dict[int, int] = {}
+# Weak keys: an id() could be reused by the next model once this one is freed.
+_RADIUS_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
 _RADIUS_LOCK = threading.Lock()
 
 
@@ -143,10 +154,9 @@ def receptive_radius(model: torch.nn.Module, probe: int = 12) -> int:
     declared = getattr(model, "receptive_radius", None)
     if isinstance(declared, int):
         return declared
-    key = id(model)
     with _RADIUS_LOCK:
-        if key in _RADIUS_CACHE:
-            return _RADIUS_CACHE[key]
+        if model in _RADIUS_CACHE:
+            return _RADIUS_CACHE[model]
         reach = 0.0
         unbounded: list[str] = []
 
@@ -176,7 +186,7 @@ def receptive_radius(model: torch.nn.Module, probe: int = 12) -> int:
         if unbounded:
             raise UnboundedReceptiveField(f"{type(model).__name__} has global layers ({', '.join(unbounded)})")
         radius = BICUBIC_RADIUS + math.ceil(reach - 1e-9)
-        _RADIUS_CACHE[key] = radius
+        _RADIUS_CACHE[model] = radius
         return radius
 
 

@@ -151,7 +151,26 @@ def psnr_in_mask(sr: np.ndarray, hr: np.ndarray, mask: np.ndarray, *, border: in
 
 def ssim_in_mask(sr: np.ndarray, hr: np.ndarray, mask: np.ndarray, *, border: int) -> float:
     """Mean of the SSIM map (same window as :func:`ssim`) over the pixels of ``mask``."""
+    return ssim_with_foreground(sr, hr, mask, border=border)[1]
+
+
+def ssim_with_foreground(sr: np.ndarray, hr: np.ndarray, mask: np.ndarray | None, *, border: int) -> tuple[float, float]:
+    """(:func:`ssim`, its map's mean inside ``mask``) from one SSIM computation (NaN without a mask).
+
+    Like scikit-image's mean, the masked mean leaves out the map's outer half-window, where the
+    window hangs over the image edge.
+    """
     sr_plane, hr_plane = _cropped_planes(sr, hr, border)
-    _, ssim_map = structural_similarity(hr_plane, sr_plane, gaussian_weights=True, sigma=SSIM_GAUSSIAN_SIGMA,
-                                        use_sample_covariance=False, data_range=1.0, full=True)
-    return float(ssim_map[mask].mean())
+    if min(hr_plane.shape) < SSIM_WINDOW:
+        raise ValueError(
+            f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels after the {border}-pixel border crop, "
+            f"got {hr_plane.shape[0]}x{hr_plane.shape[1]}"
+        )
+    mean, ssim_map = structural_similarity(hr_plane, sr_plane, gaussian_weights=True, sigma=SSIM_GAUSSIAN_SIGMA,
+                                           use_sample_covariance=False, data_range=1.0, full=True)
+    if mask is None:
+        return float(mean), float("nan")
+    pad = (SSIM_WINDOW - 1) // 2
+    inner = np.zeros_like(mask)
+    inner[pad:-pad, pad:-pad] = mask[pad:-pad, pad:-pad]
+    return float(mean), (float(ssim_map[inner].mean()) if inner.any() else float("nan"))

@@ -26,9 +26,11 @@ PAIRS_DIR = Path("data/pairs")
 REPORTS_DIR = Path("reports")
 
 
-def _fetch(modality: str, spec: dict[str, Any], dest: Path, download: dict[str, Any]) -> None:
+def _fetch(modality: str, spec: dict[str, Any], dest: Path, download: dict[str, Any]) -> dict[str, int] | None:
+    """Fill ``dest`` from the modality's source; a local source returns what its re-sync changed."""
     kind = spec.get("kind", "sample")
     marker = dest / ".medsr-source.json"
+    synced = None
     # data/raw persists between runs (so Kaggle downloads resume); a change of kind starts afresh.
     if marker.is_file() and json.loads(marker.read_text()).get("kind") != kind:
         shutil.rmtree(dest)
@@ -45,11 +47,12 @@ def _fetch(modality: str, spec: dict[str, Any], dest: Path, download: dict[str, 
                         retries=int(download.get("retries", 3)), backoff_seconds=float(download.get("backoff_seconds", 2.0)))
     elif kind == "local":
         from medsr.data.loading import SUPPORTED_SUFFIXES
-        from medsr.data.sources.local import copy_local_images
-        copy_local_images((spec.get("local") or {}).get("path", ""), dest, SUPPORTED_SUFFIXES)
+        from medsr.data.sources.local import sync_local_images
+        synced = sync_local_images((spec.get("local") or {}).get("path"), dest, SUPPORTED_SUFFIXES, modality).counts()
     else:
         raise SourceError(f"data.sources.{modality}.kind is {kind!r}: use one of sample, kaggle, local")
     write_json(marker, {"kind": kind})
+    return synced
 
 
 def download_stage(params: dict[str, Any]) -> dict[str, Any]:
@@ -57,9 +60,19 @@ def download_stage(params: dict[str, Any]) -> dict[str, Any]:
     data = section(params, "data")
     sources = section(params, "data.sources")
     started = time.perf_counter()
+    from medsr.data.sources.local import local_folder
+
+    # Every local path is checked before anything is fetched: a refused one leaves data/raw untouched.
+    for modality in MODALITIES:
+        spec = sources.get(modality) or {}
+        if spec.get("kind") == "local":
+            local_folder((spec.get("local") or {}).get("path"), modality, RAW_DIR / modality)
+    local_sync: dict[str, dict[str, int]] = {}
     for modality in MODALITIES:
         if modality in sources:
-            _fetch(modality, sources[modality], RAW_DIR / modality, data.get("download", {}))
+            synced = _fetch(modality, sources[modality], RAW_DIR / modality, data.get("download", {}))
+            if synced is not None:
+                local_sync[modality] = synced
     fetched = time.perf_counter()
     kinds = {m: sources[m].get("kind", "sample") for m in sources}
     table = ingest(RAW_DIR, INTERIM_DIR, IngestOptions.from_params(data), kinds)
@@ -70,6 +83,7 @@ def download_stage(params: dict[str, Any]) -> dict[str, Any]:
         "load_errors": int(table["error"].notna().sum()),
         "images_per_modality": {m: int((loaded["modality"] == m).sum()) for m in MODALITIES},
         "sources": kinds,
+        **({"local_sync": local_sync} if local_sync else {}),
         "seconds": {"fetch": round(fetched - started, 2), "ingest": round(time.perf_counter() - fetched, 2)},
     }
     write_json(METRICS_DIR / "download.json", summary)

@@ -131,15 +131,39 @@ def print_champions(found: dict[str, Any]) -> None:
 @registry_app.command()
 def review(params: Path = ParamsOption,
            limit: int = typer.Option(3, "--limit", help="How many versions besides the champion to show."),
-           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables.")) -> None:
+           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+           evaluate: Path | None = typer.Option(None, "--evaluate", help="Also score every version shown on this folder "
+                                                "of your own HR images (as `medsr evaluate`), before a promotion."),
+           modality: str | None = typer.Option(None, "--modality", help="With --evaluate: xray, ct or mri.")) -> None:
     """Champion vs challengers per scale: per-modality PSNR/SSIM and gain over bicubic, cost, data version, when trained."""
     from medsr.registry import as_jsonable, review as review_registry
 
-    reviewed = _run("registry review", params, lambda p: review_registry(p, limit=limit))
+    def act(p: dict[str, Any]) -> dict[str, Any]:
+        reviewed = review_registry(p, limit=limit)
+        if evaluate is not None:
+            from medsr.evaluation import evaluate_folder
+            from medsr.tracking import load_logged_generator
+
+            for name, entry in reviewed.items():
+                entry["evaluated"] = {}
+                for view in entry["versions"]:
+                    uri = f"models:/{name}/{view.version}"
+                    generator, spec = load_logged_generator(uri)
+                    entry["evaluated"][view.version] = evaluate_folder(evaluate, generator, int(spec["scale"]), p,
+                                                                       label=uri, modality=modality)
+        return reviewed
+
+    reviewed = _run("registry review", params, act)
     if as_json:
         print(json.dumps(as_jsonable(reviewed), indent=2, sort_keys=True))
-    else:
-        print_review(reviewed)
+        return
+    print_review(reviewed)
+    if evaluate is not None:
+        from medsr.cli import print_evaluation
+
+        for entry in reviewed.values():
+            for report in entry.get("evaluated", {}).values():
+                print_evaluation(report)
 
 
 @registry_app.command()

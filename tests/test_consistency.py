@@ -59,6 +59,7 @@ def test_noise_estimate_tracks_added_noise() -> None:
     assert estimate_noise_sigma(lr) < 0.004
     noisy = deg.add_gaussian_noise(lr, 0.02, np.random.default_rng(0))
     assert estimate_noise_sigma(noisy) == pytest.approx(0.02, rel=0.2)
+    assert estimate_noise_sigma(np.ones((1, 32, 32), np.float32)) < 1e-9  # flat: no detail, no noise
 
 
 def test_refine_on_clean_input_fixes_an_over_smoothing_model_and_leaves_noisy_input_alone() -> None:

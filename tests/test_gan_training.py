@@ -31,7 +31,7 @@ def tracked_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(3)
     clean, realistic = [], []
     for i, pair in enumerate(standard.pairs):
-        hr = standard.hr(i)
+        hr = standard.hr(i).copy()
         lr = downscale(hr, 2)
         clean.append(PairItem(pair["id"], pair["modality"], hr, lr))
         noisy = np.clip(lr + rng.normal(0, 0.02, lr.shape), 0, 1).astype(np.float32)

@@ -1,4 +1,5 @@
-"""medsr.inference and medsr.data.writing: tiling, consistency, reading uploads, writing formats back."""
+"""medsr.inference, serving.uploads and medsr.data.writing: exact tiling for every architecture, the
+consistency operator, reading uploads, writing formats back."""
 
 from __future__ import annotations
 
@@ -16,21 +17,20 @@ from pydicom.pixels import apply_modality_lut
 
 from medsr.data.loading import load_dicom
 from medsr.data.sample_files import sample_file
-from medsr.degradations import degrade_bicubic, gaussian_blur
+from medsr.degradations import degrade_bicubic, degrade_standard, gaussian_blur
 from medsr.inference import (
-    InputError,
     LoadedGenerator,
+    PhaseTimer,
     Tiling,
     consistency_psnr,
     forward,
-    read_upload,
-    select_frame,
-    sniff_format,
-    tile_starts,
-    upscale_file,
+    receptive_radius,
+    tile_windows,
     upscale_image,
 )
 from medsr.models import build_generator
+from serving.errors import INPUT_ERROR_STATUS
+from serving.uploads import InputError, read_upload, select_frame, sniff_format, upscale_file
 
 BIG = 8192 * 8192
 
@@ -55,40 +55,84 @@ def bicubic_x4() -> LoadedGenerator:
 
 def _upscale(path: Path, generator: LoadedGenerator, **kwargs: object):
     return upscale_file(path, generator, max_output_pixels=kwargs.pop("max_output_pixels", BIG),  # type: ignore[arg-type]
-                        tiling=Tiling(tile=64, overlap=16), device="cpu", blur_sigma=0.6, **kwargs)  # type: ignore[arg-type]
+                        tiling=Tiling(tile=64), device="cpu", blur_sigma=0.6, **kwargs)  # type: ignore[arg-type]
+
+
+def status(err: InputError) -> int:
+    return INPUT_ERROR_STATUS[err.kind]
 
 
 # ------------------------------------------------------------------------------------- tiling
 
 
-def test_tile_starts_cover_with_overlap() -> None:
-    assert tile_starts(100, 128, 16) == [0]
-    starts = tile_starts(300, 128, 32)
-    assert starts[0] == 0 and starts[-1] == 300 - 128
-    assert all(b - a <= 128 - 32 for a, b in zip(starts, starts[1:], strict=False))
+def test_tile_windows_partition_the_image() -> None:
+    assert tile_windows(100, 128, 16) == [(0, 0, 100)]
+    windows = tile_windows(300, 64, 10)
+    assert [(core_start, core_end) for _, core_start, core_end in windows] == [(0, 64), (64, 128), (128, 192),
+                                                                              (192, 256), (256, 300)]
+    for start, core_start, core_end in windows:
+        assert 0 <= start and start + 84 <= 300  # one window size: 64 + 2 x 10
+        assert core_start - start >= 10 or start == 0
+        assert start + 84 - core_end >= 10 or start + 84 == 300
 
 
-@pytest.mark.parametrize("shape", [(1, 150, 211), (1, 64, 300), (1, 97, 97)])
-def test_tiled_equals_whole_image(espcn: LoadedGenerator, shape: tuple[int, int, int]) -> None:
-    image = np.random.default_rng(1).random(shape, dtype=np.float32)
-    whole = forward(espcn.module, image[None])[0]
-    tiled = upscale_image(espcn.module, image, 4, tiling=Tiling(tile=48, overlap=24, batch_size=3))
-    assert tiled.shape == (1, shape[1] * 4, shape[2] * 4) and tiled.dtype == np.float32
-    # ESPCN sees 5 LR px around a pixel: that fits in the zero-weight quarter (6 px) of the overlap.
-    assert np.abs(tiled - whole).max() < 1e-5
+# Small variants of every generator (the structure, not the width, decides the receptive field);
+# weights moved off their near-identity start so that context outside a tile would show.
+ARCHITECTURES: dict[str, dict[str, int]] = {
+    "espcn": {}, "srgan": {"n_blocks": 3, "n_feats": 16}, "swift_srgan": {"n_blocks": 3, "n_feats": 16},
+    "brainsr": {"n_blocks": 3, "n_feats": 16}, "blimsr": {"n_groups": 2, "n_blocks": 2, "n_feats": 16},
+    "residual_cnn": {"n_feats": 16},
+}
 
 
-def test_tiles_without_overlap_show_seams(espcn: LoadedGenerator) -> None:
-    """Control for the test above: with no overlap the tile borders do differ."""
+def _perturbed(architecture: str, scale: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    module = build_generator(architecture, scale, **ARCHITECTURES[architecture]).eval()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+        for buffer_name, buffer in module.named_buffers():  # BatchNorm statistics, used in eval mode
+            if buffer_name.endswith("running_mean"):
+                buffer.add_(torch.randn_like(buffer) * 0.1)
+    return module
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_tiled_equals_whole_image_for_every_architecture(architecture: str) -> None:
+    module = _perturbed(architecture)
+    radius = receptive_radius(module)
+    tile = 12
+    # Several tiles along both axes, odd sizes, a last tile shorter than the others.
+    shape = (1, 2 * tile + 2 * radius + 5, 3 * tile + 2 * radius + 3)
+    image = (np.random.default_rng(1).random(shape, dtype=np.float32) * 0.6 + 0.2).astype(np.float32)
+    whole = forward(module, image[None])[0]
+    timer = PhaseTimer()
+    tiled = upscale_image(module, image, 4, tiling=Tiling(tile=tile, batch_size=3), timer=timer)
+    assert len(tile_windows(shape[1], tile, radius)) >= 2 and len(tile_windows(shape[2], tile, radius)) >= 3
+    assert tiled.shape == whole.shape and tiled.dtype == np.float32
+    assert float(np.abs(tiled - whole).max()) <= 1e-5
+    assert {"window", "forward"} <= set(timer.seconds)
+
+
+def test_receptive_radius_is_the_layers_reach() -> None:
+    # ESPCN: a 5x5 and three 3x3 convs in LR space (2 + 3 x 1) plus the bicubic skip's 2.
+    assert receptive_radius(build_generator("espcn", 4)) == 7
+    # The residual CNN: bicubic (2 LR px), then five 3x3 convs at x2 (5 HR px = 2.5 LR px).
+    assert receptive_radius(build_generator("residual_cnn", 2)) == 5
+
+
+def test_too_small_a_margin_shows_seams() -> None:
+    """Control for the test above: tiles cut with less context than the radius do differ."""
+    module = _perturbed("espcn")
     image = np.random.default_rng(2).random((1, 96, 96), dtype=np.float32)
-    whole = forward(espcn.module, image[None])[0]
-    seamed = upscale_image(espcn.module, image, 4, tiling=Tiling(tile=48, overlap=0))
+    whole = forward(module, image[None])[0]
+    seamed = upscale_image(module, image, 4, tiling=Tiling(tile=32, margin=receptive_radius(module) - 3))
     assert np.abs(seamed - whole).max() > 1e-3
 
 
 def test_invalid_tiling_names_the_params() -> None:
     with pytest.raises(ValueError, match="serving.tile"):
-        Tiling(tile=32, overlap=20)
+        Tiling(tile=4)
 
 
 # -------------------------------------------------------------------------------- consistency
@@ -105,6 +149,22 @@ def test_consistency_high_for_faithful_output_low_for_hallucination() -> None:
     assert consistency_psnr(hallucinated, lr, 4, 0.6) < faithful - 15.0
     with pytest.raises(ValueError, match="not 4 x LR"):
         consistency_psnr(hr[:, :64], lr, 4, 0.6)
+
+
+def test_consistency_operator_is_the_training_degradation_exactly() -> None:
+    """The score re-degrades with exactly the operator the pairs were made with (minus noise):
+    an HR image against its own noise-free LR scores the cap. Dropping the blur, or using any
+    other downsampling, lowers it far below."""
+    from medsr.metrics import PSNR_CAP_DB
+
+    rng = np.random.default_rng(4)
+    hr = gaussian_blur(rng.random((1, 96, 80), dtype=np.float32), 1.0)
+    for scale, sigma in ((4, 0.6), (2, 1.1)):
+        lr = degrade_standard(hr, scale, blur_sigma=sigma, noise_kind="gaussian", noise_level=0.0,
+                              rng=np.random.default_rng(0))
+        assert consistency_psnr(hr, lr, scale, sigma) == PSNR_CAP_DB
+        unblurred = degrade_bicubic(hr, scale)
+        assert consistency_psnr(hr, unblurred, scale, sigma) < 60.0
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -125,25 +185,25 @@ def test_read_upload_errors_are_classified_and_hold_no_file_name(tmp_path: Path)
     secret.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage" * 10)
     with pytest.raises(InputError) as caught:
         read_upload(secret, scale=4, max_output_pixels=BIG)
-    assert caught.value.status == 400 and "Jane" not in str(caught.value)
+    assert status(caught.value) == 400 and "Jane" not in str(caught.value)
 
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     with pytest.raises(InputError) as caught:
         read_upload(text, scale=4, max_output_pixels=BIG)
-    assert caught.value.status == 415
+    assert status(caught.value) == 415
 
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     with pytest.raises(InputError) as caught:
         read_upload(empty, scale=4, max_output_pixels=BIG)
-    assert caught.value.status == 400 and "empty" in caught.value.error
+    assert status(caught.value) == 400 and "empty" in caught.value.error
 
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((600, 500), np.uint8)).save(big)
     with pytest.raises(InputError) as caught:
         read_upload(big, scale=4, max_output_pixels=600 * 500 * 16 - 1)
-    assert caught.value.status == 413 and "serving.max_output_pixels" in caught.value.error
+    assert status(caught.value) == 413 and "serving.max_output_pixels" in caught.value.error
 
     nan = tmp_path / "nan.tif"
     values = np.ones((32, 32), np.float32)
@@ -151,7 +211,7 @@ def test_read_upload_errors_are_classified_and_hold_no_file_name(tmp_path: Path)
     Image.fromarray(values, mode="F").save(nan)
     with pytest.raises(InputError) as caught:
         read_upload(nan, scale=4, max_output_pixels=BIG)
-    assert caught.value.status == 422 and "NaN" in caught.value.fix
+    assert status(caught.value) == 422 and "NaN" in caught.value.fix
 
 
 def test_multi_frame_needs_a_frame() -> None:
@@ -160,7 +220,7 @@ def test_multi_frame_needs_a_frame() -> None:
     assert (file_format, len(images), modality) == ("dicom", 10, "mri")
     with pytest.raises(InputError) as caught:
         select_frame(images, file_format, None)
-    assert caught.value.status == 422 and "10 frames" in caught.value.error and "frame" in caught.value.fix
+    assert status(caught.value) == 422 and "10 frames" in caught.value.error and "frame" in caught.value.fix
     with pytest.raises(InputError):
         select_frame(images, file_format, 10)
     assert select_frame(images, file_format, 3)[0].frame == 3

@@ -504,3 +504,23 @@ def test_sample_file_names_the_package_to_install() -> None:
 
 def test_supported_suffixes_are_dispatched() -> None:
     assert set(L.SUPPORTED_SUFFIXES) == {".dcm", ".dicom", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+
+
+def test_foreground_rule_drops_volume_slices_only(tmp_path: Path) -> None:
+    """A 2-D image is never dropped by the volume-slice foreground rule: a 12-bit image stored in a
+    16-bit PNG reads as dark against the 16-bit range, yet it is a valid X-ray."""
+    from medsr.data.ingest import IngestOptions, ingest
+
+    stored = pydicom.dcmread(pydicom_file("CT_small.dcm")).pixel_array.astype(np.float64)
+    twelve_bit = np.round((stored - stored.min()) / (stored.max() - stored.min()) * 4095).astype(np.uint16)
+    png = tmp_path / "raw" / "xray" / "twelve_bit.png"
+    png.parent.mkdir(parents=True)
+    Image.fromarray(twelve_bit).save(png)
+    image = only(load_image(png, "xray", min_foreground_fraction=0.15))
+    assert float(np.mean(image.pixels > L.FOREGROUND_THRESHOLD)) < 0.15  # the rule would have dropped it
+    # A single-frame DICOM is one 2-D image too, whatever its foreground.
+    assert len(load_image(pydicom_file("CT_small.dcm"), "ct", min_foreground_fraction=1.0)) == 1
+
+    table = ingest(tmp_path / "raw", tmp_path / "interim", IngestOptions(tile_size=256, min_foreground_fraction=0.15),
+                   {"xray": "local"})
+    assert len(table) == 1 and table["error"].isna().all(), table["error"].tolist()

@@ -77,6 +77,20 @@ def test_ssim_torch_matches_scikit_image() -> None:
         ssim_torch(sr[..., :10, :10], hr[..., :10, :10])
 
 
+def test_tv_term_is_summed_per_image_so_the_srgan_weight_counts() -> None:
+    # SRGAN's weight 2e-8 was chosen for a TV summed over the image: on a 96x96 crop the weighted
+    # term is a small but real fraction of the MSE term. Averaged per pixel (the old scale) it was
+    # ~1e-9, about a millionth of the MSE: zero in effect.
+    sr, hr = camera_batch(size=96, noise=0.03)
+    weighted_tv = RECIPES["srgan"].weights["tv"] * total_variation_loss(sr).item()
+    mse = pixel_loss(sr, hr, "mse").item()
+    assert 1e-3 < weighted_tv / mse < 0.5
+    # Per image: the value does not depend on the batch size, and grows with the image's area.
+    assert total_variation_loss(sr[:1]).item() == pytest.approx(total_variation_loss(sr[:1].repeat(3, 1, 1, 1)).item())
+    tiled = torch.cat([sr[:1], sr[:1]], dim=-1)
+    assert total_variation_loss(tiled).item() > 1.9 * total_variation_loss(sr[:1]).item()
+
+
 def test_total_variation_and_gradient_losses() -> None:
     assert total_variation_loss(torch.full((1, 1, 8, 8), 0.3)).item() == 0.0
     checkerboard = (torch.arange(8).view(1, 8) + torch.arange(8).view(8, 1)).remainder(2).float().view(1, 1, 8, 8)

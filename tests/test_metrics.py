@@ -138,3 +138,24 @@ def test_evaluate_pairs_uses_the_scale_as_border_and_checks_shapes(tmp_path) -> 
     assert evaluate_pairs(damaged_oracle, pairs, border=0)["psnr"] < 40.0
     with pytest.raises(ValueError, match="does not match HR"):
         evaluate_pairs(lambda lr: lr, pairs)
+
+
+def test_foreground_scores_ignore_what_happens_in_the_background() -> None:
+    from medsr.metrics import foreground_mask, psnr_in_mask, ssim_in_mask
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:128, 0:128]
+    disk = (yy - 64) ** 2 + (xx - 64) ** 2 < 40**2
+    hr = np.where(disk, 0.5 + 0.2 * np.sin(xx / 3.0), 0.0).astype(np.float32)[None]
+    noise = rng.normal(0, 0.03, hr.shape).astype(np.float32)
+    noisy_everywhere = np.clip(hr + noise, 0, 1)
+    clean_background = np.where(disk[None], noisy_everywhere, 0.0).astype(np.float32)
+    mask = foreground_mask(hr, border=2)
+    assert mask is not None and abs(mask.mean() - disk[2:-2, 2:-2].mean()) < 0.02
+    # Zeroing the background lifts whole-image SSIM a lot and foreground SSIM not at all.
+    assert ssim(clean_background, hr, border=2) - ssim(noisy_everywhere, hr, border=2) > 0.2
+    assert ssim_in_mask(clean_background, hr, mask, border=2) == pytest.approx(
+        ssim_in_mask(noisy_everywhere, hr, mask, border=2), abs=0.02)
+    assert psnr_in_mask(clean_background, hr, mask, border=2) == pytest.approx(
+        psnr_in_mask(noisy_everywhere, hr, mask, border=2), abs=0.3)
+    assert foreground_mask(np.full((1, 32, 32), 0.4, np.float32), border=2) is None

@@ -33,6 +33,12 @@ def ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
+def computed(stages: list[str]) -> list[str]:
+    """The stages that computed something: `sources` runs on every repro (a stat check of local
+    source folders, always_changed in dvc.yaml) and rewrites nothing when they did not change."""
+    return [s for s in stages if s != "sources"]
+
+
 def copy_repo(dest: Path, profile: str = "smoke") -> Path:
     def skip(folder: str, names: list[str]) -> set[str]:
         skipped = {n for n in names if n in {"__pycache__", ".pytest_cache"}}
@@ -87,7 +93,7 @@ def test_repro_writes_data_models_and_benchmark(reproduced: Path) -> None:
 def test_second_repro_is_noop_and_param_changes_rerun_only_their_stages(reproduced: Path) -> None:
     second = dvc(["repro"], reproduced)
     assert second.returncode == 0, second.stderr
-    assert ran_stages(second.stdout) == [], second.stdout
+    assert ran_stages(second.stdout) == ["sources"], second.stdout
 
     params_path = reproduced / "params.yaml"
     original = params_path.read_text()
@@ -97,14 +103,52 @@ def test_second_repro_is_noop_and_param_changes_rerun_only_their_stages(reproduc
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         # A dry run lists the stages whose own deps changed (downstream ones follow once outputs differ):
         # only this model retrains, none of the other five.
-        assert ran_stages(dvc(["repro", "--dry"], reproduced).stdout) == ["train@espcn"]
+        assert computed(ran_stages(dvc(["repro", "--dry"], reproduced).stdout)) == ["train@espcn"]
 
         params = yaml.safe_load(original)
         params["degrade"]["blur_sigma"] = 0.7
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-        assert ran_stages(dvc(["repro", "--dry"], reproduced).stdout) == ["degrade"]
+        # The benchmark reads the blur too: it degrades the held-out images of its realistic track itself.
+        assert computed(ran_stages(dvc(["repro", "--dry"], reproduced).stdout)) == ["degrade", "benchmark"]
     finally:
         params_path.write_text(original)
+
+
+@pytest.mark.slow
+def test_changed_degradation_retrains_from_step_0_and_mlflow_records_the_new_data(reproduced: Path) -> None:
+    """A finished checkpoint is not "resumed" onto new data: MLflow would report the old model as trained on it."""
+    from mlflow.tracking import MlflowClient
+
+    marker = reproduced / "models/espcn/x2/inputs.json"
+    before = json.loads(marker.read_text())
+    old_run = json.loads((reproduced / "metrics/train/espcn.json").read_text())["scales"]["x2"]["run_id"]
+    params_path = reproduced / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["degrade"]["blur_sigma"] = params["degrade"]["blur_sigma"] + 0.1
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))  # left so: the next test builds on it
+
+    result = dvc(["repro", "train@espcn"], reproduced)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert computed(ran_stages(result.stdout)) == ["degrade", "train@espcn"], result.stdout
+    after = json.loads(marker.read_text())
+    assert after["data"] != before["data"] and (after["config"], after["code"]) == (before["config"], before["code"])
+    log = result.stdout + result.stderr
+    assert "the training data changed" in log and "training starts at step 0" in log, log[-3000:]
+
+    steps = params["train"]["profiles"]["smoke"]["steps"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{reproduced / 'mlflow.db'}")
+    old_tags = client.get_run(old_run).data.tags
+    for scale, result_of in json.loads((reproduced / "metrics/train/espcn.json").read_text())["scales"].items():
+        assert result_of["resumed_from_step"] is None and result_of["steps_done"] == steps, (scale, result_of)
+        tags = client.get_run(result_of["run_id"]).data.tags
+        assert tags["resumed_from_step"] == "None"
+        assert tags["pairs_version"] == json.loads((reproduced / f"models/espcn/{scale}/inputs.json").read_text())["data"]
+        # DVC's own version of data/pairs (dvc.lock) moved too: degrade was committed before train ran.
+        lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
+        pairs_md5 = next(o["md5"] for o in lock["stages"]["degrade"]["outs"] if o["path"] == "data/pairs")
+        assert tags["data_version"] == f"dvc:{pairs_md5}" != old_tags["data_version"]
+    assert client.get_run(json.loads((reproduced / "metrics/train/espcn.json").read_text())["scales"]["x2"]["run_id"]
+                          ).data.tags["pairs_version"] == after["data"] != old_tags["pairs_version"]
 
 
 @pytest.mark.slow
@@ -114,8 +158,8 @@ def test_killed_training_resumes_under_dvc_repro(reproduced: Path) -> None:
     params["train"]["profiles"]["smoke"].update(steps=400, checkpoint_every=2, val_every=100)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     last = reproduced / "models/espcn/x2/last.pt"
-    marker = reproduced / "models/espcn/x2/config.sha256"
-    smoke_digest = marker.read_text()  # the fixture's run; the new config gets a new digest
+    marker = reproduced / "models/espcn/x2/inputs.json"
+    smoke_digest = marker.read_text()  # the previous run's inputs; the new config gets a new digest
     proc = subprocess.Popen([sys.executable, "stages/train.py", "espcn"], cwd=reproduced, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -345,3 +345,23 @@ def test_clear_messages_for_no_champion_a_deleted_version_and_an_unreachable_ser
     assert unreachable.exit_code == 1
     lines = [line for line in unreachable.output.splitlines() if line.strip()]
     assert len(lines) == 1 and f"http://127.0.0.1:{port} is unreachable" in lines[0], unreachable.output
+
+
+def test_review_scores_each_version_on_the_users_own_folder(store: Store, workspace: Path) -> None:
+    from PIL import Image
+
+    register(store, {"espcn": uniform(0.3)}, {"espcn": store.runs[0]})
+    register(store, {"espcn": uniform(0.1)}, {"espcn": store.runs[1]})
+    folder = workspace / "mine" / "xray"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    Image.fromarray((gaussian_filter(rng.random((64, 64)), 2.0) * 255 * 3).clip(0, 255).astype(np.uint8)).save(
+        folder / "chest.png")
+    params_file = workspace / "params.yaml"
+    full = load_params(REPO_ROOT / "params.yaml")
+    params_file.write_text(yaml.safe_dump({**params(), "degrade": {**full["degrade"], "scales": [SCALE]},
+                                           "data": full["data"]}))
+    shown = cli("review", "--evaluate", str(workspace / "mine"))
+    assert shown.exit_code == 0, shown.output
+    for text in ("models:/medsr-x2/1 x2 vs bicubic", "models:/medsr-x2/2 x2 vs bicubic", "chest", "realistic"):
+        assert text in shown.output, text

@@ -157,8 +157,11 @@ def load_image(
         max_pixels: refuse a file with more pixels than this (all frames/slices of one volume
             together), checked from the header before any pixel is decoded.
         slice_step: keep every Nth frame or slice (0, N, 2N, ...) of a multi-frame file.
-        min_foreground_fraction: drop frames/slices whose fraction of pixels above
-            ``FOREGROUND_THRESHOLD`` (of the window) is below this (empty slices of a volume).
+        min_foreground_fraction: drop slices of a volume (a NIfTI's slices, a multi-frame
+            DICOM's frames) whose fraction of pixels above ``FOREGROUND_THRESHOLD`` (of the
+            window) is below this: the empty slices above and below the body. A 2-D image
+            (PNG/JPEG/TIFF pages, a single-frame DICOM) is never dropped by it: a dark one, e.g.
+            12-bit values in a 16-bit PNG, is still a valid image.
 
     Returns:
         One :class:`MedImage` per kept frame or slice; empty when all were dropped.
@@ -421,7 +424,8 @@ def _load_dicom(path: Path, modality: str, source: str, patient_ids: Mapping[str
     images = []
     for index, values, window, spacing, extra in frames:
         pixels = _apply_window(values, window)
-        if not _enough_foreground(pixels, min_foreground_fraction):
+        # The foreground rule is for slices of a volume; a single-frame DICOM is one 2-D image.
+        if n_frames > 1 and not _enough_foreground(pixels, min_foreground_fraction):
             continue
         images.append(MedImage(
             pixels=pixels, modality=modality, source=source, patient_key=key, original_dtype=original_dtype,
@@ -861,9 +865,9 @@ def _load_raster(path: Path, modality: str, source: str, patient_ids: Mapping[st
                     raise
                 except (OSError, ValueError, SyntaxError) as err:
                     raise LoadError(path, REASON_UNREADABLE_IMAGE, unreadable_fix, detail=_describe(err)) from err
+                # No foreground rule: a raster (or TIFF page) is a 2-D image, not a slice of a
+                # volume, and a dark one (12-bit values in a 16-bit PNG) is still valid.
                 pixels = _apply_window(values, window)
-                if not _enough_foreground(pixels, min_foreground_fraction):
-                    continue
                 images.append(MedImage(
                     pixels=pixels, modality=modality, source=source, patient_key=key, original_dtype=original_dtype,
                     window=window, spacing=None, frame=index if n_frames > 1 else None,

@@ -34,7 +34,6 @@ MODELS_DIR = Path("models")
 TRAINED_MODELS: tuple[str, ...] = ("espcn", "srgan", "swift_srgan", "brainsr", "blimsr", "residual_cnn")
 INPUTS_NAME = "inputs.json"
 _LEGACY_MARKER = "config.sha256"  # a config-only digest: it cannot vouch for the data or the code
-_PAIR_FILES = ("index.json", "lr.npy", "hr.npy")
 _HASH_CHUNK = 1 << 20
 
 
@@ -47,11 +46,12 @@ def config_digest(config: Any) -> str:
 
 def pair_sets_read(pairs_root: str | Path, scale: int) -> list[Path]:
     """The pair sets a run at ``scale`` may read: every training set at x2 and at ``scale`` (the
-    BrainSR curriculum starts at x2; blind models mix in standard pairs) and the validation set."""
+    BrainSR curriculum starts at x2; blind models mix in standard pairs) and every validation set
+    (kind or evaluation track) at ``scale``. A superset of what one model reads, so that a new
+    kind or track cannot slip past the digest."""
     root = Path(pairs_root)
-    folders = {p for s in sorted({2, int(scale)}) for p in (root / "train" / f"x{s}").glob("*") if p.is_dir()}
-    folders.add(root / "val" / f"x{int(scale)}" / "standard")
-    return sorted(folders)
+    homes = [root / "train" / f"x{s}" for s in sorted({2, int(scale)})] + [root / "val" / f"x{int(scale)}"]
+    return sorted(folder for home in homes if home.is_dir() for folder in home.iterdir() if folder.is_dir())
 
 
 def data_version(pairs_root: str | Path, scale: int) -> str:
@@ -63,29 +63,31 @@ def data_version(pairs_root: str | Path, scale: int) -> str:
     root = Path(pairs_root)
     digest = hashlib.sha256()
     for folder in pair_sets_read(root, scale):
-        for name in _PAIR_FILES:
-            path = folder / name
-            digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
-            if not path.is_file():
-                digest.update(b"missing\0")  # the trainer will say what is missing; the digest just differs
-                continue
+        # Every file of the set (index.json, lr.npy, hr.npy today), so a new one cannot slip past.
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\0".encode())
             with path.open("rb") as handle:
                 while chunk := handle.read(_HASH_CHUNK):
                     digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
-@lru_cache(maxsize=None)
-def code_version(model: str) -> str:
-    """sha256 (16 hex) of the source that decides what training ``model`` computes: its
-    architecture module (and what that imports), the model registry, and the training loop
-    (trainer, batches, losses, validation metrics, checkpoints), not the other models' files."""
+def code_files(model: str) -> set[Path]:
+    """The source that decides what training ``model`` computes: its architecture module (and
+    what that imports), the model registry, and the training loop (trainer, batches, losses,
+    validation metrics, checkpoints), but not the other models' files."""
     models_dir = REPO_ROOT / "medsr" / "models"
     loop = {p for p in import_closure([REPO_ROOT / "medsr" / "training" / "trainer.py"], with_parents=False)
             if models_dir not in p.parents}
     architecture = module_file(f"medsr.models.{model}")
     own = import_closure([architecture], with_parents=False) if architecture else set(models_dir.glob("*.py"))
-    return source_digest(loop | own | {models_dir / "__init__.py"})
+    return loop | own | {models_dir / "__init__.py"}
+
+
+@lru_cache(maxsize=None)
+def code_version(model: str) -> str:
+    """sha256 (16 hex) of :func:`code_files`."""
+    return source_digest(code_files(model))
 
 
 def training_inputs(config: Any) -> dict[str, str]:

@@ -41,8 +41,12 @@ def _kept_summary(checkpoints: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What metrics/train/<model>.json records of each kept checkpoint."""
     keys = ("file", "phase", "step", "rule", "weights", "val_psnr", "val_gain_db", PERCEPTUAL_METRIC,
             "above_fidelity_floor", "val_psnr_per_track")
-    return {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items() if k in keys}
-            for name, record in sorted(checkpoints.items())}
+    def rounded(value: Any) -> Any:
+        if isinstance(value, float):
+            return round(value, 4)
+        return {k: rounded(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    return {name: {k: rounded(v) for k, v in record.items() if k in keys} for name, record in sorted(checkpoints.items())}
 
 
 def train_tracked(config: TrainConfig, params: dict[str, Any], extra_tags: dict[str, str] | None = None) -> dict[str, Any]:

@@ -488,6 +488,7 @@ class _Run:
         }
 
     def validate(self) -> dict[str, Any]:
+        seconds = time.monotonic() - self.interval_start  # the training interval alone
         if not self.bicubic_val:
             bicubic = build_generator("bicubic", self.config.scale).to(self.device)
             self.bicubic_val = {t: {k: v for k, v in scores.items() if k != "per_modality"}
@@ -506,13 +507,15 @@ class _Run:
             **summary,
             "bicubic_val": self.bicubic_val,
             "val_per_modality": val[self.fidelity_track]["per_modality"],
-            "seconds": time.monotonic() - self.interval_start,
+            "seconds": seconds,
+            "validation_seconds": 0.0,
         }
         if self.ema is not None:  # the raw weights, measured against the average
             raw = self._summary(self._score(self.generator))
             entry["raw"] = raw
-        self.sums, self.sum_count, self.interval_start = {}, 0, time.monotonic()
         entry["kept"] = self._select(entry)
+        entry["validation_seconds"] = time.monotonic() - self.interval_start - seconds
+        self.sums, self.sum_count, self.interval_start = {}, 0, time.monotonic()
         self.bad_validations = 0 if entry["kept"] else self.bad_validations + 1
         entry["best_val_psnr"] = self.best_record.get("val_psnr", -math.inf)
         self.history.append(entry)

@@ -1,0 +1,88 @@
+"""The train stage's resume rule: a checkpoint in models/<model>/x<scale> is resumed only when the
+config, the data of the pairs it reads and the model's code are those that wrote it; otherwise
+the folder is emptied, training starts at step 0, and the log says which of them changed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medsr.data.pairs import PairItem, write_pairs
+from medsr.training import TrainConfig
+from medsr.training.stage import INPUTS_NAME, REPO_ROOT, code_files, prepare_out_dir, training_inputs
+
+
+def write_sets(root: Path, noise: float) -> None:
+    """Tiny pair sets where a degrade stage would put them; ``noise`` stands for a degrade param."""
+    rng = np.random.default_rng(0)
+    hr = rng.random((1, 32, 32), dtype=np.float32)
+    lr = np.clip(hr[:, ::2, ::2] + np.float32(noise), 0.0, 1.0)
+    items = [PairItem(f"ct-{i:04d}", "ct", hr=hr, lr=lr) for i in range(3)]
+    for split in ("train", "val"):
+        write_pairs(root / split / "x2" / "standard", items, 2, {"split": split, "kind": "standard"})
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> TrainConfig:
+    write_sets(tmp_path / "pairs", noise=0.0)
+    return TrainConfig(model="espcn", scale=2, pairs_root=str(tmp_path / "pairs"), out_dir=str(tmp_path / "models" / "x2"))
+
+
+def checkpoint_of(config: TrainConfig) -> Path:
+    """A stand-in for what a killed run leaves (the decision reads only the folder and its record)."""
+    last = Path(config.out_dir) / "last.pt"
+    last.write_bytes(b"state of a killed run")
+    return last
+
+
+def test_same_inputs_keep_the_checkpoint(config: TrainConfig, caplog: pytest.LogCaptureFixture) -> None:
+    prepare_out_dir(config)
+    last = checkpoint_of(config)
+    with caplog.at_level(logging.INFO, logger="medsr.training.stage"):
+        prepare_out_dir(config)
+    assert last.is_file()
+    assert "resuming" in caplog.text
+
+
+def test_changed_pair_data_starts_at_step_0(config: TrainConfig, caplog: pytest.LogCaptureFixture) -> None:
+    first = prepare_out_dir(config)
+    last = checkpoint_of(config)
+    write_sets(Path(config.pairs_root), noise=0.01)  # same ids, offsets and shapes: only pixels differ
+    with caplog.at_level(logging.INFO, logger="medsr.training.stage"):
+        second = prepare_out_dir(config)
+    assert not last.exists()
+    assert second["data"] != first["data"] and second["config"] == first["config"] and second["code"] == first["code"]
+    assert "the training data changed" in caplog.text and "step 0" in caplog.text
+    assert (Path(config.out_dir) / INPUTS_NAME).is_file()  # recorded before training, for a resume
+
+
+def test_changed_model_options_start_at_step_0(config: TrainConfig, caplog: pytest.LogCaptureFixture) -> None:
+    prepare_out_dir(config)
+    last = checkpoint_of(config)
+    config.model_options = {"channels": 32}
+    with caplog.at_level(logging.INFO, logger="medsr.training.stage"):
+        prepare_out_dir(config)
+    assert not last.exists() and "the training config (or model options) changed" in caplog.text
+
+
+def test_no_record_is_not_resumed(config: TrainConfig, caplog: pytest.LogCaptureFixture) -> None:
+    Path(config.out_dir).mkdir(parents=True)
+    last = checkpoint_of(config)  # e.g. written by an older version that recorded the config only
+    with caplog.at_level(logging.INFO, logger="medsr.training.stage"):
+        prepare_out_dir(config)
+    assert not last.exists() and "no record of the inputs" in caplog.text
+
+
+def test_execution_only_settings_do_not_change_the_digest(config: TrainConfig) -> None:
+    before = training_inputs(config)
+    config.num_workers, config.device, config.quiet = 3, "cpu", True
+    assert training_inputs(config) == before
+
+
+def test_code_version_covers_the_model_and_the_training_loop_only() -> None:
+    files = {p.relative_to(REPO_ROOT).as_posix() for p in code_files("espcn")}
+    assert {"medsr/models/espcn.py", "medsr/models/blocks.py", "medsr/training/trainer.py", "medsr/losses.py"} <= files
+    assert "medsr/models/srgan.py" not in files  # another model's edit must not retrain this one
