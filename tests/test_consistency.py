@@ -84,3 +84,13 @@ def test_switched_off_and_bad_settings() -> None:
             ConsistencySettings(**bad)
     with pytest.raises(ValueError, match="unknown keys"):
         ConsistencySettings.from_params({"stepz": 3})
+
+
+def test_noise_estimate_is_not_fooled_by_sharp_anatomy_borders() -> None:
+    # A small clean slice: a bright brain-like disk with a sharp border on exact-zero air.
+    yy, xx = np.mgrid[0:48, 0:40]
+    texture = 0.5 + 0.2 * np.sin(xx / 1.3) * np.sin(yy / 1.7)  # fine 2-D detail, like cortex folds
+    clean = np.where((yy - 24) ** 2 + (xx - 20) ** 2 < 18**2, texture, 0.0).astype(np.float32)[None]
+    assert estimate_noise_sigma(clean) < 0.0005  # all blocks: ~0.0016, read as noise by the consistency weight
+    noisy = deg.add_rician_noise(clean, 0.01, np.random.default_rng(2))
+    assert estimate_noise_sigma(noisy) > 0.005

@@ -7,8 +7,8 @@ large as the data allow (the method is recorded per row in ``split_method``):
   seeded order; every image of a patient goes to one split.
 * ``file``: fewer patients but two or more source files (series, volumes): whole files go to
   test and val, never tiles or frames of a file whose other parts train. Training needs the
-  bulk, so the largest files train; with exactly two files the smaller one is the test file and
-  val is cut from the training file by region (below), when its size allows.
+  bulk, so the largest files (in pixels) train; with exactly two files the smaller one is the
+  test file and val is cut from the training file by region (below), when its size allows.
 * ``region``: one file only (the embedded chest radiograph). Its tiles or slices are cut into
   blocks, and the blocks are separated by a gap of at least one tile or slice that no split uses
   (``split == "gap"``), so no test tile touches a training tile, not even at a corner:
@@ -124,6 +124,17 @@ def _region_labels(rows: pd.DataFrame, fractions: Mapping[str, float]) -> pd.Ser
     return labels
 
 
+def _file_sizes(group: pd.DataFrame) -> dict[str, int]:
+    """Pixels per file (images when the table has no sizes): what "the largest files train" measures.
+
+    Pixels, not image counts: 19 small slices of a template volume hold less to learn from than 16
+    full tiles of a real scan.
+    """
+    if {"height", "width"} <= set(group.columns):
+        return (group["height"].astype(int) * group["width"].astype(int)).groupby(group["path"]).sum().to_dict()
+    return group.groupby("path").size().to_dict()
+
+
 def _size_then_seed(seed: int, sizes: Mapping[str, int]) -> list[str]:
     return sorted(sizes, key=lambda k: (-sizes[k], _stable_rank(seed, k)))
 
@@ -135,7 +146,7 @@ def split_table(table: pd.DataFrame, fractions: Mapping[str, float], seed: int, 
     for _modality, group in table.groupby("modality", sort=True):
         group = group.copy()
         patients = sorted(group["patient_key"].unique(), key=lambda k: _stable_rank(seed, k))
-        files = group.groupby("path").size().to_dict()
+        files = _file_sizes(group)
         if len(patients) >= max(min_patients, len(SPLITS)):
             group["split"] = group["patient_key"].map(_assign_in_order(patients, fractions))
             group["split_method"] = "patient"
