@@ -237,13 +237,13 @@ def summary() -> None:
         err_console.print("no pipeline output yet: run `dvc repro` (or `make run`) first")
         raise typer.Exit(1)
     table = Table(title="MedSR data: images per modality and split")
-    for column in ("modality", "source", "loaded", "passed", "train", "val", "test", "split by"):
+    for column in ("modality", "source", "loaded", "passed", "train", "val", "test", "gap", "split by"):
         table.add_column(column, justify="right" if column not in ("modality", "source", "split by") else "left")
     for m in MODALITIES:
         per_split = split_m.get("images", {}).get(m, {})
         table.add_row(m, str(download_m.get("sources", {}).get(m, "-")), str(download_m["images_per_modality"].get(m, 0)),
                       str(validation.get("passed_per_modality", {}).get(m, 0)),
-                      *(str(per_split.get(s, 0)) for s in ("train", "val", "test")),
+                      *(str(per_split.get(s, 0)) for s in ("train", "val", "test", "gap")),
                       ", ".join(split_m.get("method", {}).get(m, [])))
     console.print(table)
     files = split_m.get("files", {})

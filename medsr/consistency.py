@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -112,21 +113,55 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, kernel.view(1, 1, -1, 1))
 
 
+@lru_cache(maxsize=16)
+def _lr_operator_kernel(scale: int, blur_sigma: float, size: int = 33) -> torch.Tensor:
+    """``D(U(.))`` as an LR-space convolution kernel, from its impulse response.
+
+    Bicubic upsampling by an integer ``scale`` and antialiased downsampling by it are both
+    equivariant to one-LR-pixel shifts, so their composition is a convolution on the LR grid: the
+    iterations can run at LR size and upsample once (5x fewer HR-size resamplings).
+    """
+    delta = torch.zeros(1, 1, size, size, dtype=torch.float64)
+    delta[..., size // 2, size // 2] = 1.0
+    up = F.interpolate(delta, scale_factor=float(scale), mode="bicubic", align_corners=False)
+    response = F.interpolate(_blur(up, blur_sigma), size=(size, size), mode="bicubic", align_corners=False,
+                             antialias=True)[0, 0]
+    centre = size // 2
+    radius = centre
+    while radius > 1 and float(response.abs().sum() - response[centre - radius + 1:centre + radius,
+                                                                centre - radius + 1:centre + radius].abs().sum()) < 1e-7:
+        radius -= 1  # drop rings that carry nothing
+    kernel = response[centre - radius:centre + radius + 1, centre - radius:centre + radius + 1]
+    return kernel.to(torch.float32)[None, None]
+
+
 def project_to_input(sr: np.ndarray, lr: np.ndarray, scale: int, *, steps: int, blur_sigma: float = 0.0) -> np.ndarray:
-    """``steps`` back-projection iterations of ``sr`` towards ``D(sr) == lr``; returns a new array."""
+    """``steps`` back-projection iterations of ``sr`` towards ``D(sr) == lr``; returns a new array.
+
+    ``x_{k+1} = x_k + U(lr - D(x_k))``, i.e. the LR residual evolves as ``e_{k+1} = e_k - DU(e_k)``
+    and ``x_K = x_0 + U(e_0 + ... + e_{K-1})``: computed that way, with ``DU`` as an LR convolution
+    (:func:`_lr_operator_kernel`), and clamped to [0, 1] once at the end.
+    """
     check_contract(sr, "SR image")
     check_contract(lr, "LR image")
     if sr.shape[-2:] != (lr.shape[-2] * scale, lr.shape[-1] * scale):
         raise ValueError(f"SR image {sr.shape[-2:]} is not LR image {lr.shape[-2:]} times scale {scale}")
+    if steps <= 0:
+        return np.array(sr, dtype=np.float32, copy=True)
     with torch.no_grad():
         # Copies: the inputs may be read-only memory maps, and torch must not alias them.
         x = torch.from_numpy(np.array(sr, dtype=np.float32))[None]
         target = torch.from_numpy(np.array(lr, dtype=np.float32))[None]
-        for _ in range(int(steps)):
-            down = F.interpolate(_blur(x, blur_sigma), size=target.shape[-2:], mode="bicubic",
-                                 align_corners=False, antialias=True)
-            x = (x + F.interpolate(target - down, scale_factor=float(scale), mode="bicubic",
-                                   align_corners=False)).clamp_(0.0, 1.0)
+        residual = target - F.interpolate(_blur(x, blur_sigma), size=target.shape[-2:], mode="bicubic",
+                                          align_corners=False, antialias=True)
+        kernel = _lr_operator_kernel(int(scale), float(blur_sigma))
+        pad = kernel.shape[-1] // 2
+        mode = "reflect" if min(target.shape[-2:]) > pad else "replicate"
+        total = residual.clone()
+        for _ in range(int(steps) - 1):
+            residual = residual - F.conv2d(F.pad(residual, (pad, pad, pad, pad), mode=mode), kernel)
+            total += residual
+        x = (x + F.interpolate(total, scale_factor=float(scale), mode="bicubic", align_corners=False)).clamp_(0.0, 1.0)
     return x[0].numpy().astype(np.float32, copy=False)
 
 

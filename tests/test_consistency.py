@@ -94,3 +94,22 @@ def test_noise_estimate_is_not_fooled_by_sharp_anatomy_borders() -> None:
     assert estimate_noise_sigma(clean) < 0.0005  # all blocks: ~0.0016, read as noise by the consistency weight
     noisy = deg.add_rician_noise(clean, 0.01, np.random.default_rng(2))
     assert estimate_noise_sigma(noisy) > 0.005
+
+
+@pytest.mark.parametrize(("scale", "blur"), [(2, 0.0), (4, 0.0), (4, 0.8)])
+def test_lr_space_iterations_equal_the_plain_back_projection(scale: int, blur: float) -> None:
+    # The reference is the textbook loop x <- x + U(lr - D(x)) on HR-size images, clamped at the end.
+    from medsr.consistency import _blur
+
+    hr = _phantom(96)
+    lr = deg.degrade_bicubic(deg.gaussian_blur(hr, blur), scale) if blur else deg.degrade_bicubic(hr, scale)
+    start = deg.upsample_bicubic(deg.gaussian_blur(lr, 0.7), scale)
+    x = torch.from_numpy(start)[None].double()
+    target = torch.from_numpy(lr)[None].double()
+    for _ in range(5):
+        down = F.interpolate(_blur(x, blur), size=target.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
+        x = x + F.interpolate(target - down, scale_factor=float(scale), mode="bicubic", align_corners=False)
+    reference = x.clamp(0, 1)[0].float().numpy()
+    fast = project_to_input(start, lr, scale, steps=5, blur_sigma=blur)
+    inner = (slice(None), slice(3 * scale, -3 * scale), slice(3 * scale, -3 * scale))  # borders pad differently
+    assert np.abs(fast[inner] - reference[inner]).max() < 2e-3

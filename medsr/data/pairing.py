@@ -12,7 +12,12 @@ A model that wins one track by losing the other is not better, so both are alway
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,40 +56,85 @@ def _standard(hr: np.ndarray, scale: int, noise_kind: str, drawn: deg.StandardPa
                                 noise_level=drawn.noise_level, rng=rng)
 
 
-def _pairs(rows: pd.DataFrame, interim_dir: Path, scale: int, kind: str, params: Mapping[str, Any]) -> Iterator[PairItem]:
+@dataclass(frozen=True)
+class PairSource:
+    """What one pair needs from its table row (small, so it pickles cheaply to a worker)."""
+
+    id: str
+    modality: str
+    array: str
+
+
+def make_pair(source: PairSource, *, interim_dir: Path, scale: int, kind: str, params: Mapping[str, Any]) -> PairItem:
+    """One pair of ``kind`` for one image: a pure function of the image and ``rng_for(seed, id, scale, kind)``."""
     seed = int(params["seed"])
+    image = np.load(Path(interim_dir) / source.array, allow_pickle=False)
+    rng = deg.rng_for(seed, source.id, scale, kind)
+    noise_kind, noise_level = _noise(params, source.modality)
+    if kind == "ssl":
+        # VLR -> LR pairs: the light CNN never sees HR while training (its seed's self-supervision).
+        # LR is this image's `standard` LR (same key, same bytes); VLR draws its own degradation.
+        hr = deg.crop_to_multiple(image, scale * scale)
+        lr_rng = deg.rng_for(seed, source.id, scale, "standard")
+        lr = _standard(hr, scale, noise_kind, _drawn(params, noise_level, lr_rng), lr_rng)
+        drawn = _drawn(params, noise_level, rng)
+        vlr = deg.degrade_vlr(lr, scale, blur_sigma=drawn.blur_sigma, noise_kind=noise_kind,
+                              noise_level=drawn.noise_level, rng=rng)
+        return PairItem(source.id, source.modality, hr=lr, lr=vlr, degradation=drawn.as_dict())
+    hr = deg.crop_to_multiple(image, scale)
+    if kind == "standard":
+        drawn = _drawn(params, noise_level, rng)
+        return PairItem(source.id, source.modality, hr=hr, lr=_standard(hr, scale, noise_kind, drawn, rng),
+                        degradation=drawn.as_dict())
+    if kind == "clean":
+        return PairItem(source.id, source.modality, hr=hr, lr=deg.degrade_bicubic(hr, scale),
+                        degradation={"blur_sigma": 0.0, "noise_level": 0.0})
+    if kind == "realistic":
+        drawn = deg.StandardParameters(float(params["blur_sigma"]), noise_level)
+        return PairItem(source.id, source.modality, hr=hr, lr=_standard(hr, scale, noise_kind, drawn, rng),
+                        degradation=drawn.as_dict())
     blind = params["blind"]
-    for row in rows.itertuples():
-        image = np.load(interim_dir / row.array, allow_pickle=False)
-        rng = deg.rng_for(seed, row.id, scale, kind)
-        noise_kind, noise_level = _noise(params, row.modality)
-        if kind == "ssl":
-            # VLR -> LR pairs: the light CNN never sees HR while training (its seed's self-supervision).
-            # LR is this image's `standard` LR (same key, same bytes); VLR draws its own degradation.
-            hr = deg.crop_to_multiple(image, scale * scale)
-            lr_rng = deg.rng_for(seed, row.id, scale, "standard")
-            lr = _standard(hr, scale, noise_kind, _drawn(params, noise_level, lr_rng), lr_rng)
-            drawn = _drawn(params, noise_level, rng)
-            vlr = deg.degrade_vlr(lr, scale, blur_sigma=drawn.blur_sigma, noise_kind=noise_kind,
-                                  noise_level=drawn.noise_level, rng=rng)
-            yield PairItem(row.id, row.modality, hr=lr, lr=vlr, degradation=drawn.as_dict())
-            continue
-        hr = deg.crop_to_multiple(image, scale)
-        if kind == "standard":
-            drawn = _drawn(params, noise_level, rng)
-            yield PairItem(row.id, row.modality, hr=hr, lr=_standard(hr, scale, noise_kind, drawn, rng),
-                           degradation=drawn.as_dict())
-        elif kind == "clean":
-            yield PairItem(row.id, row.modality, hr=hr, lr=deg.degrade_bicubic(hr, scale),
-                           degradation={"blur_sigma": 0.0, "noise_level": 0.0})
-        elif kind == "realistic":
-            drawn = deg.StandardParameters(float(params["blur_sigma"]), noise_level)
-            yield PairItem(row.id, row.modality, hr=hr, lr=_standard(hr, scale, noise_kind, drawn, rng),
-                           degradation=drawn.as_dict())
-        else:
-            lr = deg.degrade_blind(hr, scale, blur_sigma=tuple(blind["blur_sigma"]), resize_factor=tuple(blind["resize_factor"]),
-                                   noise_level=tuple(blind["noise_level"]), jpeg_quality=tuple(blind["jpeg_quality"]), rng=rng)
-            yield PairItem(row.id, row.modality, hr=hr, lr=lr)
+    lr = deg.degrade_blind(hr, scale, blur_sigma=tuple(blind["blur_sigma"]), resize_factor=tuple(blind["resize_factor"]),
+                           noise_level=tuple(blind["noise_level"]), jpeg_quality=tuple(blind["jpeg_quality"]), rng=rng)
+    return PairItem(source.id, source.modality, hr=hr, lr=lr)
+
+
+# (function, items) -> results in the order of items: builtin map, a process pool's, or a Dask client's.
+Mapper = Callable[[Callable[[PairSource], PairItem], list[PairSource]], Iterable[PairItem]]
+
+
+def _pairs(rows: pd.DataFrame, interim_dir: Path, scale: int, kind: str, params: Mapping[str, Any],
+           mapper: Mapper = map) -> Iterable[PairItem]:
+    sources = [PairSource(str(r.id), str(r.modality), str(r.array)) for r in rows.itertuples()]
+    return mapper(partial(make_pair, interim_dir=Path(interim_dir), scale=scale, kind=kind, params=dict(params)), sources)
+
+
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the workers share the cores; each resize runs on one
+
+
+@contextmanager
+def parallel_mapper(workers: int = 1, dask_address: str | None = None) -> Iterator[Mapper]:
+    """A :data:`Mapper` over ``workers`` local processes, or over the Dask cluster at ``dask_address``.
+
+    Every pair is a pure function of its image and seed keys and results come back in input order,
+    so the pair sets are byte-identical whatever runs them (tests/test_parallel_degrade.py).
+    """
+    if dask_address:
+        from distributed import Client
+
+        with Client(dask_address, set_as_default=False) as client:
+            yield lambda func, items: client.gather(client.map(func, items, pure=False))
+        return
+    if workers <= 1:
+        yield map
+        return
+    # spawn, not fork: the parent has torch's thread pools running, which a fork can deadlock.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_torch_thread) as pool:
+        yield lambda func, items: pool.map(func, items, chunksize=max(1, len(items) // (4 * workers)))
 
 
 def kinds_for(split: str, params: Mapping[str, Any]) -> list[str]:
@@ -93,16 +143,28 @@ def kinds_for(split: str, params: Mapping[str, Any]) -> list[str]:
     return kinds + (list(params.get("tracks", TRACKS)) if split in EVAL_SPLITS else [])
 
 
-def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Write ``out_root/<split>/x<scale>/<kind>`` for every split, scale and kind; returns counts."""
+def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, params: Mapping[str, Any], *,
+                    workers: int | None = None, dask_address: str | None = None) -> dict[str, Any]:
+    """Write ``out_root/<split>/x<scale>/<kind>`` for every split, scale and kind; returns counts.
+
+    ``workers`` (default ``degrade.workers``, else 1) local processes degrade the images of each
+    set in parallel, or the Dask cluster at ``dask_address`` (default ``degrade.dask_scheduler``)
+    does; the bytes written are the same either way.
+    """
     unknown = set(params.get("tracks", TRACKS)) - set(TRACKS)
     if unknown:
         raise ValueError(f"degrade.tracks: unknown track(s) {sorted(unknown)}; known: {', '.join(TRACKS)}")
+    workers = int(params.get("workers", 1) if workers is None else workers)
+    if workers < 1:
+        raise ValueError(f"degrade.workers must be >= 1, got {workers}")
+    dask_address = dask_address or params.get("dask_scheduler") or None
     counts: dict[str, Any] = {}
     jobs = [(split, int(scale), kind) for split in SPLITS for scale in params["scales"] for kind in kinds_for(split, params)]
-    for split, scale, kind in tqdm(jobs, desc="degrade", unit="set"):
-        rows = table[table["split"] == split].sort_values("id")
-        attrs = {"split": split, "kind": kind, "seed": int(params["seed"])}
-        n = write_pairs(out_root / split / f"x{scale}" / kind, _pairs(rows, interim_dir, scale, kind, params), scale, attrs)
-        counts.setdefault(split, {}).setdefault(f"x{scale}", {})[kind] = n
+    with parallel_mapper(workers, dask_address) as mapper:
+        for split, scale, kind in tqdm(jobs, desc="degrade", unit="set"):
+            rows = table[table["split"] == split].sort_values("id")
+            attrs = {"split": split, "kind": kind, "seed": int(params["seed"])}
+            items = _pairs(rows, interim_dir, scale, kind, params, mapper)
+            n = write_pairs(out_root / split / f"x{scale}" / kind, items, scale, attrs)
+            counts.setdefault(split, {}).setdefault(f"x{scale}", {})[kind] = n
     return counts
