@@ -80,11 +80,48 @@ def main() -> None:
                     "standard_images_per_s": round(len(tiles) / standard, 1),
                     "blind_images_per_s": round(len(tiles) / blind, 1),
                 }
+            result["parallel_degrade"] = parallel_degrade(params["degrade"], Path("parallel"))
         finally:
             os.chdir(cwd)
     out = REPO / "benchmarks" / "results" / "data.json"
     write_json(out, result)
     print(out.read_text())
+
+
+def parallel_degrade(cfg: dict, scratch: Path, n_images: int = 1000, side: int = 256) -> dict:
+    """Degrade throughput of build_pair_sets at 1 and 2 worker processes on the same synthetic images.
+
+    Every kind of the test split at x4; checks that both runs wrote the same bytes.
+    """
+    import hashlib
+
+    import pandas as pd
+    from scipy.ndimage import gaussian_filter
+
+    from medsr.data.pairing import build_pair_sets
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = [np.clip(gaussian_filter(rng.random((side, side)), 2.0) * 3 - 1, 0, 1).astype(np.float32)[None] for _ in range(8)]
+    rows = []
+    for i in range(n_images):
+        np.save(scratch / f"{i}.npy", np.roll(base[i % 8], i, axis=2))
+        rows.append({"id": f"xray-{i:05d}", "modality": "xray", "array": f"{i}.npy", "split": "test"})
+    table = pd.DataFrame(rows)
+    params = {**cfg, "scales": [4], "ssl": False, "blind": cfg["blind"]}
+    out: dict = {"images": n_images, "side": side, "scale": 4, "kinds": ["standard", "blind", "clean", "realistic"]}
+    digests = {}
+    for workers in (1, 2):
+        folder = scratch / f"pairs-{workers}"
+        start = time.perf_counter()
+        build_pair_sets(table, scratch, folder, params,
+                        workers=workers)
+        seconds = time.perf_counter() - start
+        digests[workers] = sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.npy"))
+        out[f"workers_{workers}"] = {"seconds": round(seconds, 2), "pairs_per_s": round(4 * n_images / seconds, 1)}
+    out["speedup_2_workers"] = round(out["workers_1"]["seconds"] / out["workers_2"]["seconds"], 2)
+    out["identical_bytes"] = digests[1] == digests[2]
+    return out
 
 
 if __name__ == "__main__":
