@@ -31,11 +31,13 @@ run: venv
 	medsr summary
 	medsr registry champions
 
+# scripts/test-deps.sh installs Chromium and dcmtk when missing and runs the suite beside a
+# throw-away PostgreSQL; .ci/run is `make test` too.
 test: venv
-	$(PY) -m pytest -q
+	bash scripts/test-deps.sh $(PY) -m pytest -q
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+	bash scripts/test-deps.sh $(PY) -m pytest -q -m "not slow"
 
 bench: venv
 	$(PY) benchmarks/bench_data.py

@@ -23,7 +23,7 @@ def run_stage(name: str, func: Callable[[dict[str, Any]], dict[str, Any]], param
     """Run one stage; a user-facing failure becomes one line on stderr and exit code 1."""
     from medsr.data.sources.errors import SourceError
     from medsr.params import ParamsError, load_params
-    from medsr.pipeline import StageFailed
+    from medsr.stage_entry import StageFailed
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are internals

@@ -38,7 +38,8 @@ QUIET_ENV: dict[str, str] = {
 
 
 SERVING_KEYS: tuple[str, ...] = (
-    "host", "port", "device", "alias", "max_output_pixels", "max_upload_bytes", "max_array_output_pixels", "tile",
+    "host", "port", "device", "alias", "max_output_pixels", "max_upload_bytes", "max_array_output_pixels",
+    "max_in_flight", "tile",
     "tile_batch", "consistency_warning_db", "demo_max_side", "max_cached_versions", "threads", "torch_threads",
     "png_level", "refine", "batching",
 )
@@ -50,12 +51,14 @@ class ServingConfig:
 
     ``serving``: the ``serving:`` section; ``model_names``: scale -> registered model
     (``registry.model_names``, the names the register stage writes), x4 first; ``degrade``: the
-    ``degrade:`` section (the consistency operator's blur, the demo's noise per modality).
+    ``degrade:`` section (the consistency score's blur, the demo's noise per modality);
+    ``consistency``: the back-projection step applied when ``serving.refine`` is true.
     """
 
     serving: dict[str, Any]
     model_names: dict[int, str]
     degrade: dict[str, Any]
+    consistency: dict[str, Any]
     path: Path
 
     @property
@@ -90,7 +93,8 @@ def load_config(path: Path | None = None) -> ServingConfig:
     if missing:
         raise ParamsError(f"{path}: `serving:` lacks {', '.join(missing)}; see the Serving section of README.md")
     names = {int(str(key).lstrip("x")): str(value) for key, value in section(params, "registry.model_names").items()}
-    return ServingConfig(serving=serving, model_names=names, degrade=dict(section(params, "degrade")), path=path)
+    return ServingConfig(serving=serving, model_names=names, degrade=dict(section(params, "degrade")),
+                         consistency=dict(params.get("consistency") or {}), path=path)
 
 
 def free_port() -> int:

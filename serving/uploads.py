@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -146,16 +147,20 @@ def _check_dicom_pixel_data(path: Path) -> None:
         return
     if any("end of file" in str(w.message).lower() for w in caught):
         return  # cut short: the loader says so
-    if len(ds) == 0:
-        return
+    if "Rows" not in ds or "Columns" not in ds or not ds.get("SOPClassUID"):
+        return  # not a readable image header: the loader names what is wrong
     pixel_keyword = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
     if pixel_keyword is None:
         raise InputError("unprocessable", "no pixel data: the DICOM object is complete but holds no image "
                          "(no Pixel Data element 7FE0,0010)",
                          "upload an image instance (CT, MR, CR, DX ...); structured reports, presentation states "
                          "and RT objects have nothing to upscale")
-    element = ds[pixel_keyword]
-    if element.length == 0 or element.value in (None, b""):
+    # get_item: the raw element, so the deferred pixel data is not read just to be measured.
+    element = ds.get_item(pixel_keyword)
+    length = getattr(element, "length", None)
+    if length is None:
+        length = len(element.value or b"")
+    if length == 0:
         raise InputError("malformed", "empty pixel data: the Pixel Data element has zero length",
                          "export the image again: its pixel values are missing from the file")
 
@@ -240,6 +245,8 @@ def select_frame(images: list[Any], file_format: str, frame: int | None) -> list
     return [images[frame]]
 
 
+_SCORER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medsr-score")
+
 Refiner = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 """``refine(sr, lr, scale) -> sr``: a step between the network and the consistency score."""
 
@@ -282,18 +289,28 @@ def upscale_file(path: Path, generator: LoadedGenerator, *, max_output_pixels: i
         raise InputError("too_large", f"image too large: the output would have {total} pixels "
                          f"({describe_size(total)}), over serving.max_output_pixels = {max_output_pixels}",
                          "crop or downsample the image, use a smaller scale, or raise serving.max_output_pixels")
-    results, scores = [], []
+    results = []
     for image in chosen:
         result = upscale_image(generator.module, image.pixels, scale, tiling=tiling, device=device, timer=timer)
         if refine is not None:
             with timer.phase("refine"):
                 result = refine(result, image.pixels, scale)
-        with timer.phase("consistency"):
-            scores.append(consistency_psnr(result, image.pixels, scale, blur_sigma))
         results.append(result)
-    mean_score = float(np.mean(scores))
-    derivation = (f"Super-resolution x{scale} by MedSR: generator {generator.architecture}, registered model "
-                  f"{generator.registered_name} version {generator.version}; consistency PSNR {mean_score:.1f} dB")
+
+    def score() -> list[float]:
+        with timer.phase("consistency"):
+            return [consistency_psnr(result, image.pixels, scale, blur_sigma) for image, result in zip(chosen, results,
+                                                                                                     strict=True)]
+
+    # The score and the encoder read the same results and release the GIL (torch, scipy, zlib):
+    # run them side by side, so a request waits for the longer of the two, not their sum.
+    scoring = _SCORER.submit(score)
+
+    def derivation() -> str:
+        mean = float(np.mean(scoring.result()))
+        return (f"Super-resolution x{scale} by MedSR: generator {generator.architecture}, registered model "
+                f"{generator.registered_name} version {generator.version}; consistency PSNR {mean:.1f} dB")
+
     try:
         if file_format == "dicom":
             content = writing.write_dicom(path, chosen, results, scale=scale, derivation=derivation, timer=timer)
@@ -308,6 +325,9 @@ def upscale_file(path: Path, generator: LoadedGenerator, *, max_output_pixels: i
             media_type, extension = writing.RASTER_MEDIA_TYPES[file_format], writing.RASTER_EXTENSIONS[file_format]
     except writing.WriteError as err:
         raise InputError("unprocessable", err.reason, err.fix) from None
+    finally:
+        scores = scoring.result()  # never leave the score running behind a failed write
+    mean_score = float(np.mean(scores))
     height, width = chosen[0].pixels.shape[1:]
     return FileResult(content=content, media_type=media_type, filename=f"medsr_x{scale}{extension}",
                       file_format=file_format, modality=chosen_modality, frames=len(chosen),

@@ -17,6 +17,7 @@ def _report(summary: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="stages/train.py", description=__doc__)
-    parser.add_argument("model", choices=TRAINED_MODELS)
+    # Not argparse choices: an unknown name gets train_stage's one-line refusal, as `medsr train` gives.
+    parser.add_argument("model", help=", ".join(TRAINED_MODELS))
     args = parser.parse_args()
     sys.exit(run_stage("train", lambda params: train_stage(params, args.model), _report))

@@ -19,7 +19,7 @@ from PIL import Image
 from medsr.data.ingest import TABLE_NAME, IngestOptions, ingest
 from medsr.data.pairing import build_pair_sets
 from medsr.data.pairs import PairSet
-from medsr.data.split import leaked_patients, split_table
+from medsr.data.split import find_leaks, leaked_patients, split_table
 from medsr.data.validation import validate_table
 from medsr.params import load_params
 
@@ -96,10 +96,15 @@ def test_split_and_degrade_on_the_sample(sample_interim: Path, tmp_path: Path) -
     table = pd.read_parquet(sample_interim / TABLE_NAME)
     validated = validate_table(table, sample_interim, min_size=int(PARAMS["data"]["min_size"]))
     assert validated.quarantined_fraction <= PARAMS["data"]["max_quarantine_fraction"], validated.quarantine
-    split = split_table(validated.passed, PARAMS["data"]["split"]["fractions"], seed=1)
-    assert leaked_patients(split) == []
-    for modality in ("xray", "ct", "mri"):
-        assert set(split.loc[split["modality"] == modality, "split"]) == {"train", "val", "test"}, modality
+    cfg = PARAMS["data"]["split"]
+    split = split_table(validated.passed, cfg["fractions"], seed=1, min_patients=int(cfg["min_patients"]))
+    assert leaked_patients(split) == [] and find_leaks(split) == []
+    # The radiograph is cut by region (with a gap that no split uses); CT's two files give a whole
+    # test file (the other is too small to also hold out a val region); MRI's three files one per split.
+    assert set(split.loc[split["modality"] == "xray", "split"]) == {"train", "val", "test", "gap"}
+    assert set(split.loc[split["modality"] == "ct", "split"]) == {"train", "test"}
+    assert set(split.loc[split["modality"] == "mri", "split"]) == {"train", "val", "test"}
+    assert split.loc[split["modality"] != "xray"].groupby("path")["split"].nunique().max() == 1
 
     small = split.groupby(["modality", "split"]).head(2)  # a few per modality and split keep this quick
     a = build_pair_sets(small, sample_interim, tmp_path / "a", PARAMS["degrade"])

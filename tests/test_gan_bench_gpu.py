@@ -35,7 +35,8 @@ def test_bench_gpu_runs_the_full_recipe_within_its_budget_on_cpu(tracked_x2: Pat
         sys.path.remove(str(REPO / "benchmarks"))
     out = tmp_path / "gpu.json"
     result = bench_gpu.main(["--device", "cpu", "--minutes", "0.03", "--models", "swift_srgan", "--scale", "2",
-                             "--pairs-root", str(tracked_x2), "--out", str(out), "--val-max-images", "2"])
+                             "--pairs-root", str(tracked_x2), "--out", str(out), "--val-max-images", "2",
+                             "--test-max-images", "2", "--calibration-steps", "1"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     entry = result["models"]["swift_srgan"]
     assert result["setup"]["profile"] == "full" and result["machine"]["device"] == "cpu"

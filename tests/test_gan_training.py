@@ -139,6 +139,12 @@ def test_the_schedule_drives_both_optimisers(tracked_root: Path, tmp_path: Path)
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     assert last["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
     assert last["optimizer_d"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
+    # The adversarial phase may run the generator at its own base rate (SRGAN: 1e-4).
+    cfg.out_dir, cfg.lr_generator_adversarial = str(tmp_path / "own"), 3e-4
+    train_generator(cfg, max_steps_this_run=2)  # warm-up steps 1-2, before its milestone
+    assert load_checkpoint(tmp_path / "own" / "last.pt")["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+    train_generator(cfg, max_steps_this_run=3)  # steps 3-4 (warm-up, x0.1), 5 (first adversarial step)
+    assert load_checkpoint(tmp_path / "own" / "last.pt")["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(3e-4)
 
 
 def test_ema_update_is_the_exponential_average() -> None:

@@ -22,6 +22,7 @@ from medsr.inference import (
     LoadedGenerator,
     PhaseTimer,
     Tiling,
+    choose_memory_format,
     consistency_psnr,
     forward,
     receptive_radius,
@@ -85,12 +86,12 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
 }
 
 
-def _perturbed(architecture: str, scale: int = 4) -> torch.nn.Module:
+def _perturbed(architecture: str, scale: int = 4, strength: float = 0.3) -> torch.nn.Module:
     torch.manual_seed(0)
     module = build_generator(architecture, scale, **ARCHITECTURES[architecture]).eval()
     with torch.no_grad():
         for parameter in module.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.3)
+            parameter.add_(torch.randn_like(parameter) * strength)
         for buffer_name, buffer in module.named_buffers():  # BatchNorm statistics, used in eval mode
             if buffer_name.endswith("running_mean"):
                 buffer.add_(torch.randn_like(buffer) * 0.1)
@@ -112,6 +113,20 @@ def test_tiled_equals_whole_image_for_every_architecture(architecture: str) -> N
     assert tiled.shape == whole.shape and tiled.dtype == np.float32
     assert float(np.abs(tiled - whole).max()) <= 1e-5
     assert {"window", "forward"} <= set(timer.seconds)
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_channels_last_path_matches_eager(architecture: str) -> None:
+    """The layout the service may pick (choose_memory_format) computes the same output (up to
+    float rounding in another summation order: weights perturbed less than above, where
+    saturated activations amplify rounding)."""
+    module = _perturbed(architecture, strength=0.05)
+    image = np.random.default_rng(5).random((2, 1, 40, 36), dtype=np.float32)
+    eager = forward(module, image)
+    module.to(memory_format=torch.channels_last)
+    assert np.abs(forward(module, image) - eager).max() <= 1e-5
+    assert choose_memory_format(module, probe=24, repeats=1) in ("channels_last", "contiguous")
+    assert np.abs(forward(module, image) - eager).max() <= 1e-5
 
 
 def test_receptive_radius_is_the_layers_reach() -> None:

@@ -47,6 +47,9 @@ class TrainConfig:
     lr_patch: int = 32  # side of the LR training patch in pixels
     lr_generator: float = 1e-4
     lr_discriminator: float = 1e-4
+    # The generator's base rate in the adversarial phase; None: lr_generator. SRGAN trains its GAN
+    # phase at 1e-4 whatever the pre-training used; a fast pixel warm-up rate there destabilises it.
+    lr_generator_adversarial: float | None = None
     warmup_steps: int = 0  # GAN models: pixel-loss-only steps before the adversarial phase
     adv_weight: float | None = None  # None: the loss recipe's own weight
     loss: dict[str, Any] = field(default_factory=dict)  # recipe, pixel, adversarial, weights

@@ -18,7 +18,8 @@
   ``best.pt``, the one the pipeline ships, is the adversarial one when any qualifies, else the
   warm-up one. Each records its ``phase`` and ``step``.
 * Schedule and EMA: ``lr_schedule`` (constant, step or cosine) drives both optimisers, per
-  phase; ``ema_decay`` keeps an exponential moving average of the generator, which is then
+  phase, from ``lr_generator`` (``lr_generator_adversarial`` in the GAN phase when set) and
+  ``lr_discriminator``; ``ema_decay`` keeps an exponential moving average of the generator, which is then
   what is validated and kept, with the raw weights scored beside it.
 * Device: ``auto`` uses CUDA with float16 autocast and GradScaler when available, else CPU
   float32.
@@ -416,7 +417,10 @@ class _Run:
 
     def _set_learning_rates(self) -> None:
         factor = lr_factor(self.step, self.config, adversarial=self.adversarial)
-        for optimizer, base in ((self.opt_g, self.config.lr_generator), (self.opt_d, self.config.lr_discriminator)):
+        generator_base = self.config.lr_generator
+        if self.phase_of(self.step) == PHASE_ADVERSARIAL and self.config.lr_generator_adversarial is not None:
+            generator_base = self.config.lr_generator_adversarial
+        for optimizer, base in ((self.opt_g, generator_base), (self.opt_d, self.config.lr_discriminator)):
             if optimizer is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = base * factor
@@ -642,10 +646,11 @@ def _close(batches: Any) -> None:
     """Stop a DataLoader iterator's worker processes now, not whenever it is garbage collected.
 
     The loop leaves its iterator early (``break`` at the pause/stop step, early stopping, an
-    exception). Left to the garbage collector, a multi-worker iterator that is still referenced
-    (by a traceback a caller keeps, or a reference cycle) outlives the run; at interpreter exit
-    multiprocessing terminates its daemonic workers before the iterator's finaliser runs, and
-    torch reports "DataLoader worker ... exited unexpectedly".
+    exception). An exception's traceback holds this frame and so the iterator, for as long as a
+    caller keeps the exception (``pytest.raises`` does, to the end of the test): its workers
+    would live on until the interpreter exits, where multiprocessing kills them under the
+    DataLoader's SIGCHLD handler instead of the iterator shutting them down. ``_shutdown_workers``
+    is what the iterator's own ``__del__`` calls; it is idempotent.
     """
     shutdown = getattr(batches, "_shutdown_workers", None)  # only the multi-process iterator has workers
     if shutdown is not None:
