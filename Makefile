@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv run test test-fast bench dag clean serve package schedule mlflow-ui
+.PHONY: venv run test test-fast bench dag clean serve package schedule mlflow-ui remote push pull
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -68,3 +68,18 @@ schedule: venv
 mlflow-ui: venv
 	mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlartifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+# Share data, models and pipeline outputs through a DVC remote. The default is a folder beside the
+# checkout (a network share works the same); S3: DVC_REMOTE=s3://bucket/medsr (pip install "dvc[s3]"),
+# SSH: DVC_REMOTE=ssh://host/srv/medsr-dvc (pip install "dvc[ssh]"). `make remote` writes .dvc/config:
+# commit it, and a teammate's clone then needs only `make pull` before `dvc repro` (a no-op).
+DVC_REMOTE ?= $(abspath $(CURDIR)/../medsr-dvc-remote)
+
+remote: venv
+	dvc remote add --default --force shared "$(DVC_REMOTE)"
+
+push: venv
+	dvc push
+
+pull: venv
+	dvc pull

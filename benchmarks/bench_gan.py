@@ -50,11 +50,16 @@ QUICK: dict[str, tuple[int, int, int]] = {"swift_srgan": (4, 4, 4), "srgan": (4,
 
 
 def _run_data_stages(repo_copy: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
-    for name in files.decode().split("\0"):
-        if name and (REPO / name).is_file():
-            (repo_copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, repo_copy / name)
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    if listed.returncode == 0:
+        for name in listed.stdout.decode().split("\0"):
+            if name and (REPO / name).is_file():
+                (repo_copy / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, repo_copy / name)
+    else:  # a working-tree copy without .git (e.g. on the GPU machine): everything but outputs
+        skipped = {".git", ".venv", "data", "models", "mlartifacts", "mlflow.db", "__pycache__", ".dvc"}
+        shutil.copytree(REPO, repo_copy, dirs_exist_ok=True,
+                        ignore=lambda folder, names: {n for n in names if n in skipped})
     medsr = Path(sys.executable).with_name("medsr")
     for stage in ("download", "validate", "split", "degrade"):
         subprocess.run([str(medsr), stage], cwd=repo_copy, check=True, capture_output=True)

@@ -118,6 +118,36 @@ def test_second_repro_is_noop_and_param_changes_rerun_only_their_stages(reproduc
 
 
 @pytest.mark.slow
+def test_a_second_clone_pulls_from_the_remote_and_has_nothing_to_recompute(reproduced: Path, tmp_path: Path) -> None:
+    """Clone A ran the pipeline and pushes to a DVC remote; clone B (what git holds: code, params,
+    dvc.lock, metrics) pulls, and `dvc repro` then retrains nothing."""
+    remote = tmp_path / "remote"
+    added = dvc(["remote", "add", "--default", "--force", "shared", str(remote)], reproduced)
+    assert added.returncode == 0, added.stderr
+    pushed = dvc(["push"], reproduced)
+    assert pushed.returncode == 0, pushed.stdout[-2000:] + pushed.stderr[-2000:]
+    assert any(remote.rglob("*")), "nothing reached the remote"
+
+    def git_tracked(folder: str, names: list[str]) -> set[str]:
+        # What a `git clone` of A has: no DVC outputs, no cache, no MLflow store, no local config.
+        unversioned = {"data", "models", "reports", "mlflow.db", "mlartifacts", "__pycache__"}
+        skipped = {n for n in names if n in unversioned}
+        if Path(folder).name == ".dvc":
+            skipped |= {n for n in names if n in {"cache", "tmp", "config.local"}}
+        return skipped
+
+    clone = tmp_path / "clone"
+    shutil.copytree(reproduced, clone, ignore=git_tracked)
+    dvc(["config", "--local", "core.site_cache_dir", str(tmp_path / "dvc-site")], clone)
+    pulled = dvc(["pull"], clone)
+    assert pulled.returncode == 0, pulled.stdout[-2000:] + pulled.stderr[-2000:]
+    assert (clone / "models/espcn/x4/best.pt").is_file() and (clone / "data/pairs/test/x4/clean/index.json").is_file()
+    again = dvc(["repro"], clone)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert computed(ran_stages(again.stdout)) == [], again.stdout  # nothing retrained, nothing recomputed
+
+
+@pytest.mark.slow
 def test_changed_degradation_retrains_from_step_0_and_mlflow_records_the_new_data(reproduced: Path) -> None:
     """A finished checkpoint is not "resumed" onto new data: MLflow would report the old model as trained on it."""
     from mlflow.tracking import MlflowClient

@@ -5,7 +5,6 @@ of every kept checkpoint are logged with the run."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
