@@ -75,13 +75,18 @@ def degrade(params: Path = ParamsOption) -> None:
 def train(model: str = typer.Argument(..., help="espcn, srgan, swift_srgan, brainsr, blimsr or residual_cnn"),
           params: Path = ParamsOption,
           profile: str = typer.Option(None, "--profile", help="Override train.profile (sample, full, ...)."),
-          device: str = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:N.")) -> None:
+          device: str = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:N."),
+          nproc: int = typer.Option(None, "--nproc", min=1,
+                                    help="Data-parallel ranks through torchrun (overrides train.nproc; "
+                                         "NCCL on CUDA, gloo on CPU).")) -> None:
     """Train one model at every scale; logged to MLflow; resumes a killed run from its checkpoint."""
     from medsr.training.stage import train_stage
 
     def run(p: dict[str, Any]) -> dict[str, Any]:
         if device:
             p.setdefault("train", {})["device"] = device
+        if nproc:
+            p.setdefault("train", {})["nproc"] = nproc
         return train_stage(p, model, profile=profile)
 
     summary = run_stage("train", run, params)

@@ -75,7 +75,9 @@ def download_stage(params: dict[str, Any]) -> dict[str, Any]:
                 local_sync[modality] = synced
     fetched = time.perf_counter()
     kinds = {m: sources[m].get("kind", "sample") for m in sources}
-    table = ingest(RAW_DIR, INTERIM_DIR, IngestOptions.from_params(data), kinds)
+    # Local processes by default; a Dask cluster when data.dask_scheduler names one. Same bytes either way.
+    table = ingest(RAW_DIR, INTERIM_DIR, IngestOptions.from_params(data), kinds,
+                   workers=int(data.get("workers", 1)), dask_address=data.get("dask_scheduler") or None)
     loaded = table[table["error"].isna()]
     summary = {
         "files": int(table["path"].nunique()),

@@ -258,3 +258,25 @@ def test_generator_loss_recipes_and_warmup() -> None:
     assert stronger.weights["adversarial"] == 0.5 and stronger.pixel == "l1"
     with pytest.raises(ValueError, match="unknown loss terms"):
         RECIPES["pixel"].with_overrides(weights={"style": 1.0})
+
+
+def test_log_mse_is_minus_the_mean_patch_psnr_and_weighs_patches_by_their_error() -> None:
+    import math
+
+    import torch
+
+    from medsr.losses import pixel_loss
+
+    hr = torch.zeros(2, 1, 8, 8)
+    sr = hr.clone()
+    sr[0] += 0.1   # MSE 1e-2: PSNR 20 dB
+    sr[1] += 0.001  # MSE 1e-6: PSNR 60 dB
+    assert pixel_loss(sr, hr, "log_mse").item() == pytest.approx(-(20 + 60) / 2, abs=1e-3)
+    sr.requires_grad_(True)
+    pixel_loss(sr, hr, "log_mse").backward()
+    per_patch = sr.grad.abs().flatten(1).sum(dim=1)
+    # d(10 log10 MSE)/d sr = 20 / ln10 * err / (n * MSE): the small-error patch pulls 100x harder per unit error.
+    assert per_patch[1] / per_patch[0] == pytest.approx(100.0, rel=1e-3)
+    assert math.isfinite(pixel_loss(hr, hr, "log_mse").item())
+    with pytest.raises(ValueError, match="log_mse"):
+        pixel_loss(sr, hr, "l2")

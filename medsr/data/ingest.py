@@ -3,6 +3,10 @@ metadata table, one row per image, that validation, split and degrade read.
 
 A file that cannot be loaded still gets a row, with ``error`` set, so that validation can
 quarantine it with its reason instead of the whole stage failing.
+
+Files are independent, so ``workers`` local processes (or a Dask cluster) load and tile them in
+parallel; each writes its own tiles and returns only its rows, which are put in the table in file
+order, never completion order: the outputs are byte-identical whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -10,17 +14,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
-from medsr.atomic import atomic_dir
+from medsr.atomic import atomic_dir, write_npy
 from medsr.data import MODALITIES
 from medsr.data.loading import LoadError, load_image
+from medsr.data.parallel import parallel_mapper
 from medsr.data.tiling import tile_image
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TABLE_NAME = "images.parquet"
 IMAGES_DIR = "images"
@@ -60,6 +68,8 @@ def read_patient_ids(modality_dir: Path) -> dict[str, str]:
     csv = modality_dir / "patients.csv"
     if not csv.is_file():
         return {}
+    import pandas as pd  # here, not at the top: worker processes import this module and never need pandas
+
     table = pd.read_csv(csv, dtype=str)
     return dict(zip(table["path"], table["patient_id"], strict=True))
 
@@ -73,40 +83,84 @@ def raw_files(modality_dir: Path) -> list[Path]:
     return files
 
 
-def ingest(raw_root: Path, out_dir: Path, options: IngestOptions, sources: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """Load, tile and tabulate every file under ``raw_root/<modality>/``; writes ``out_dir`` atomically."""
+@dataclass(frozen=True)
+class FileTask:
+    """One raw file's work order: small, so it pickles cheaply to a worker process or Dask worker.
+
+    Paths are absolute (a Dask worker's working directory is not ours); ``patient_ids`` holds only
+    this file's entries, not the whole (possibly 100k-row) table.
+    """
+
+    path: Path
+    rel: str  # relative to the raw root, POSIX: what the table and error messages show
+    modality: str
+    source_kind: str
+    modality_dir: Path
+    patient_ids: Mapping[str, str]
+
+
+def file_tasks(raw_root: Path, sources: Mapping[str, str] | None = None) -> list[FileTask]:
+    """Every raw file under ``raw_root/<modality>/``, in the table's order (modality, then path)."""
+    raw_root = Path(raw_root).absolute()
+    tasks = []
+    for modality in MODALITIES:
+        modality_dir = raw_root / modality
+        if not modality_dir.is_dir():
+            continue
+        patient_ids = read_patient_ids(modality_dir)
+        source_kind = (sources or {}).get(modality, "unknown")
+        for path in raw_files(modality_dir):
+            # The loader looks a file up by its path under the modality folder, then by its name.
+            keys = (path.relative_to(modality_dir).as_posix(), path.name)
+            tasks.append(FileTask(path, path.relative_to(raw_root).as_posix(), modality, source_kind, modality_dir,
+                                  {k: patient_ids[k] for k in keys if k in patient_ids}))
+    return tasks
+
+
+def ingest(raw_root: Path, out_dir: Path, options: IngestOptions, sources: Mapping[str, str] | None = None, *,
+           workers: int = 1, dask_address: str | None = None) -> pd.DataFrame:
+    """Load, tile and tabulate every file under ``raw_root/<modality>/``; writes ``out_dir`` atomically.
+
+    ``workers`` local processes share the files, or the Dask cluster at ``dask_address`` does (its
+    workers must see ``raw_root`` and ``out_dir``'s parent at the same absolute paths). The table
+    and tiles are the same bytes either way.
+    """
+    if workers < 1:
+        raise ValueError(f"data.workers must be >= 1, got {workers}")
+    import pandas as pd
+
+    tasks = file_tasks(raw_root, sources)
     rows: list[dict[str, Any]] = []
     with atomic_dir(out_dir) as tmp:
-        images_dir = tmp / IMAGES_DIR
+        images_dir = (tmp / IMAGES_DIR).absolute()
         images_dir.mkdir()
-        for modality in MODALITIES:
-            modality_dir = raw_root / modality
-            if not modality_dir.is_dir():
-                continue
-            patient_ids = read_patient_ids(modality_dir)
-            source_kind = (sources or {}).get(modality, "unknown")
-            files = raw_files(modality_dir)
-            for path in tqdm(files, desc=f"ingest {modality}", unit="file", leave=False):
-                rel = path.relative_to(raw_root).as_posix()
-                rows.extend(_ingest_file(path, rel, modality, source_kind, modality_dir, patient_ids, options, images_dir))
+        work = partial(_ingest_file, options=options, images_dir=images_dir)
+        with parallel_mapper(workers, dask_address) as mapper:
+            # The mapper yields in task order, so rows are in file order whoever finished first.
+            for file_rows in tqdm(mapper(work, tasks), total=len(tasks), desc="ingest", unit="file", leave=False):
+                rows.extend(file_rows)
         table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
         table.to_parquet(tmp / TABLE_NAME, index=False)
     return table
 
 
-def _ingest_file(path: Path, rel: str, modality: str, source_kind: str, modality_dir: Path,
-                 patient_ids: Mapping[str, str], options: IngestOptions, images_dir: Path) -> list[dict[str, Any]]:
+def _ingest_file(task: FileTask, *, options: IngestOptions, images_dir: Path) -> list[dict[str, Any]]:
+    """Load and tile one file, write its tiles into ``images_dir``; returns its table rows (no pixels)."""
+    path, rel, modality = task.path, task.rel, task.modality
     base = {column: None for column in TABLE_COLUMNS}
-    base.update(modality=modality, source=source_kind, path=rel)
+    base.update(modality=modality, source=task.source_kind, path=rel)
     try:
         # Thinning applies to NIfTI volumes, whose 1 mm neighbours are near duplicates; a multi-frame
         # DICOM's few frames are all kept.
         is_volume = path.name.lower().endswith((".nii", ".nii.gz"))
-        images = load_image(path, modality, root=modality_dir, patient_ids=patient_ids, max_pixels=options.max_pixels,
-                            slice_step=options.slice_step if is_volume else 1,
+        images = load_image(path, modality, root=task.modality_dir, patient_ids=task.patient_ids,
+                            max_pixels=options.max_pixels, slice_step=options.slice_step if is_volume else 1,
                             min_foreground_fraction=options.min_foreground_fraction)
     except LoadError as err:
-        return [{**base, "id": image_id(modality, rel, None, -1, -1), "error": str(LoadError(rel, err.reason, err.fix, err.detail))}]
+        # A library's message can quote the absolute path: show the relative one, as the table does,
+        # so the row does not depend on where the raw folder lies.
+        detail = err.detail.replace(str(path), rel)
+        return [{**base, "id": image_id(modality, rel, None, -1, -1), "error": str(LoadError(rel, err.reason, err.fix, detail))}]
     if not images:
         return [{**base, "id": image_id(modality, rel, None, -1, -1), "error": f"{rel}: no usable slice (all below the foreground threshold)"}]
     rows = []
@@ -114,7 +168,8 @@ def _ingest_file(path: Path, rel: str, modality: str, source_kind: str, modality
         for y, x, tile in tile_image(image, options.tile_size):
             pixels = tile.pixels
             ident = image_id(modality, rel, image.frame, y, x)
-            np.save(images_dir / f"{ident}.npy", pixels, allow_pickle=False)
+            # Atomic: a Dask task retried after a lost worker may write the same tile twice.
+            write_npy(images_dir / f"{ident}.npy", pixels)
             spacing = image.spacing or (None, None)
             rows.append({
                 **base,

@@ -12,9 +12,7 @@ A model that wins one track by losing the other is not better, so both are alway
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -26,6 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medsr import degradations as deg
+from medsr.data import parallel
 from medsr.data.pairs import PairItem, write_pairs
 from medsr.data.split import SPLITS
 
@@ -117,24 +116,13 @@ def _one_torch_thread() -> None:
 
 @contextmanager
 def parallel_mapper(workers: int = 1, dask_address: str | None = None) -> Iterator[Mapper]:
-    """A :data:`Mapper` over ``workers`` local processes, or over the Dask cluster at ``dask_address``.
+    """:func:`medsr.data.parallel.parallel_mapper` with one torch thread per local worker.
 
     Every pair is a pure function of its image and seed keys and results come back in input order,
     so the pair sets are byte-identical whatever runs them (tests/test_parallel_degrade.py).
     """
-    if dask_address:
-        from distributed import Client
-
-        with Client(dask_address, set_as_default=False) as client:
-            yield lambda func, items: client.gather(client.map(func, items, pure=False))
-        return
-    if workers <= 1:
-        yield map
-        return
-    # spawn, not fork: the parent has torch's thread pools running, which a fork can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_torch_thread) as pool:
-        yield lambda func, items: pool.map(func, items, chunksize=max(1, len(items) // (4 * workers)))
+    with parallel.parallel_mapper(workers, dask_address, initializer=_one_torch_thread) as mapper:
+        yield mapper
 
 
 def kinds_for(split: str, params: Mapping[str, Any]) -> list[str]:

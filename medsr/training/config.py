@@ -12,6 +12,7 @@ Expected layout of the ``train`` section (every key optional; defaults are the d
       feature_weights: null    # VGG19 state_dict file; null -> feature matching
       device: auto
       num_workers: 2
+      nproc: 1               # data-parallel ranks through torchrun (medsr.training.distributed)
       profiles:
         smoke: {steps: 200, batch_size: 8, lr_patch: 24, val_every: 50, checkpoint_every: 50}
         full:  {steps: 20000, batch_size: 16, lr_patch: 48, val_every: 1000, checkpoint_every: 1000}
@@ -77,6 +78,9 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     discriminator_options: dict[str, Any] = field(default_factory=dict)
     feature_weights: str | None = None  # VGG19 weights file for the perceptual loss
+    # Data-parallel ranks (torchrun, medsr.training.distributed); the global batch stays batch_size,
+    # each rank trains on batch_size / nproc of it. Not part of what a run computes: see stage.config_digest.
+    nproc: int = 1
     resume: bool = True  # continue from out_dir/last.pt when it exists
     quiet: bool = False  # no progress bar
 
@@ -85,11 +89,14 @@ class TrainConfig:
             self.out_dir = f"models/{self.model}/x{self.scale}"
         if self.feature_weights is not None and not str(self.feature_weights).strip():
             self.feature_weights = None
-        positive = ("steps", "batch_size", "lr_patch", "checkpoint_every", "val_every", "scale")
+        positive = ("steps", "batch_size", "lr_patch", "checkpoint_every", "val_every", "scale", "nproc")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"train.{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.nproc:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must divide by train.nproc ({self.nproc}): "
+                             "every rank trains on an equal shard of the global batch")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"train.warmup_steps must be in 0..steps ({self.steps}), got {self.warmup_steps}")
         if self.num_workers < 0:

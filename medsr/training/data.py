@@ -10,6 +10,10 @@ A batch is ``{"lr": (B, 1, p, p), "hr": (B, 1, p*s, p*s), "step": k, "scale": s,
 "blind_fraction": f}``. One batch has one scale (the BrainSR curriculum changes it between
 steps) and mixes standard and blind pairs with probability ``degradation_strength`` times the
 config's ``blind_fraction``.
+
+Data-parallel ranks (:mod:`medsr.training.distributed`) each take a contiguous slice of every
+batch, ``batch_size / world_size`` patches: the global batch of step ``k`` is the same whatever
+the number of ranks.
 """
 
 from __future__ import annotations
@@ -61,8 +65,15 @@ class PatchBatches(IterableDataset):
 
     def __init__(self, pairs_root: str | Path, *, kind: str, target_scale: int, batch_size: int, lr_patch: int,
                  seed: int, first_step: int, last_step: int, total_steps: int, augment: bool = True,
-                 curriculum: Curriculum | None = None, blind_fraction: float = 1.0) -> None:
+                 curriculum: Curriculum | None = None, blind_fraction: float = 1.0,
+                 rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of world size {world_size} is not a valid rank")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} does not split into {world_size} equal shards")
+        self.rank = rank
+        self.world_size = world_size
         self.kind = kind
         self.target_scale = target_scale
         self.batch_size = batch_size
@@ -111,7 +122,20 @@ class PatchBatches(IterableDataset):
         return StepPlan(int(stage["scale"]), float(stage["degradation_strength"]) * self.blind_fraction)
 
     def batch(self, step: int) -> dict[str, Any]:
-        """The batch of ``step``; a pure function of ``(seed, step)``."""
+        """This rank's shard of the batch of ``step``; a pure function of ``(seed, step, rank,
+        world_size)``, and the shards of all ranks, concatenated in rank order, are the batch one
+        process gets (:meth:`global_batch`)."""
+        full = self.global_batch(step)
+        if self.world_size == 1:
+            return full
+        size = self.batch_size // self.world_size
+        shard = slice(self.rank * size, (self.rank + 1) * size)
+        return {**full, "lr": full["lr"][shard].contiguous(), "hr": full["hr"][shard].contiguous()}
+
+    def global_batch(self, step: int) -> dict[str, Any]:
+        """The whole batch of ``step``, a pure function of ``(seed, step)``. Every rank draws all of
+        it: the random draws of sample ``i`` follow those of samples ``0..i-1`` in one generator,
+        and a patch costs little next to the step that trains on it."""
         rng = np.random.default_rng([self.seed, step])
         plan = self.plan(step)
         lr_batch, hr_batch = [], []

@@ -39,8 +39,10 @@ _HASH_CHUNK = 1 << 20
 
 def config_digest(config: Any) -> str:
     """The training config (model and discriminator options included), minus what only changes
-    how a run executes (device, workers, resume, progress bar), not what it computes."""
-    relevant = {k: v for k, v in config.to_dict().items() if k not in ("resume", "quiet", "num_workers", "device")}
+    how a run executes (device, workers, ranks, resume, progress bar), not what it computes: a run
+    killed on N ranks resumes on any other number (the global batch does not depend on it)."""
+    relevant = {k: v for k, v in config.to_dict().items()
+                if k not in ("resume", "quiet", "num_workers", "device", "nproc")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -139,20 +141,47 @@ def prepare_out_dir(config: Any) -> dict[str, str]:
 
 def train_stage(params: dict[str, Any], model: str, *, profile: str | None = None) -> dict[str, Any]:
     """Train ``model`` at every scale in degrade.scales, tracked in MLflow; resumes a killed run
-    only when its config, data and code are unchanged."""
+    only when its config, data and code are unchanged.
+
+    ``train.nproc`` > 1 runs the same function on that many torchrun ranks
+    (:mod:`medsr.training.distributed`); rank 0 alone prepares the output folder, tracks the run in
+    MLflow and writes the metrics, which this process then reads back.
+    """
     from medsr.models import MODEL_NAMES
-    from medsr.training import TrainConfig
+    from medsr.training import TrainConfig, distributed
     from medsr.training.tracked import train_tracked
+    from medsr.training.trainer import train_generator
 
     if model not in TRAINED_MODELS:
         raise StageFailed(f"unknown model {model!r}: choose one of {', '.join(TRAINED_MODELS)}"
                           + (" (bicubic is the untrained baseline)" if model in MODEL_NAMES else ""))
+    scales = [int(scale) for scale in section(params, "degrade.scales")]
+    # As resolved for this model and profile (TrainConfig checks it is positive and divides the batch).
+    first = TrainConfig.from_params(params, model, scales[0], profile=profile) if scales else None
+    nproc = first.nproc if first is not None else 1
+    metrics_file = METRICS_DIR / "train" / f"{model}.json"
+    if nproc > 1 and not distributed.launched():
+        metrics_file.unlink(missing_ok=True)  # so a failed job cannot pass off an older summary as its own
+        status = distributed.launch(params, model, nproc, profile=profile)
+        if status != 0 or not metrics_file.is_file():
+            raise StageFailed(f"torchrun with {nproc} ranks exited with status {status}; see the ranks' output above")
+        return json.loads(metrics_file.read_text())
+
+    ctx = distributed.init(first.device if first is not None else "auto")
     results: dict[str, Any] = {}
-    for scale in section(params, "degrade.scales"):
-        config = TrainConfig.from_params(params, model, int(scale), profile=profile)
-        inputs = prepare_out_dir(config)
-        results[f"x{scale}"] = train_tracked(config, params, extra_tags={
-            "pairs_version": inputs["data"], "code_version": inputs["code"], "inputs_digest": inputs["digest"]})
+    for scale in scales:
+        config = TrainConfig.from_params(params, model, scale, profile=profile)
+        # Rank 0 alone clears or keeps the folder; the others wait, then read the same checkpoint.
+        inputs = prepare_out_dir(config) if ctx.is_main else None
+        distributed.barrier()
+        if ctx.is_main:
+            assert inputs is not None
+            results[f"x{scale}"] = train_tracked(config, params, extra_tags={
+                "pairs_version": inputs["data"], "code_version": inputs["code"], "inputs_digest": inputs["digest"],
+                "nproc": str(ctx.world_size)})
+        else:
+            train_generator(config)
     summary = {"model": model, "scales": results}
-    write_json(METRICS_DIR / "train" / f"{model}.json", summary)
+    if ctx.is_main:
+        write_json(metrics_file, summary)
     return summary

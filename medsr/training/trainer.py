@@ -23,6 +23,11 @@
   what is validated and kept, with the raw weights scored beside it.
 * Device: ``auto`` uses CUDA with float16 autocast and GradScaler when available, else CPU
   float32.
+* Data-parallel (``torchrun``, :mod:`medsr.training.distributed`): each rank trains on its shard
+  of every batch, both networks are wrapped in ``DistributedDataParallel`` (gradients averaged
+  over the ranks; BatchNorm synchronised on CUDA only, per-rank statistics on CPU), logged losses
+  are averaged over the ranks, and rank 0 alone validates and writes checkpoints; the others
+  follow its early-stopping decision.
 * Safety: every loss term is checked each step; a NaN/inf stops the run naming the model, step
   and term, before the optimiser step, so no checkpoint ever holds a NaN model. Checkpoints are
   written atomically; ``last.pt`` resumes a killed run to the same final step.
@@ -42,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -70,6 +76,7 @@ from medsr.training.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from medsr.training import distributed
 from medsr.training.config import TrainConfig
 from medsr.training.data import FIDELITY_TRACK, Curriculum, PatchBatches, validation_tracks
 
@@ -222,7 +229,13 @@ class _Run:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.spec = model_spec(config.model)
+        self.ctx = distributed.context()
+        if config.batch_size % self.ctx.world_size:
+            raise ValueError(f"train.batch_size ({config.batch_size}) must divide by the {self.ctx.world_size} ranks: "
+                             "every rank trains on an equal shard of the global batch")
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.ctx.distributed:
+            self.device = torch.device("cuda", self.ctx.local_rank)  # one GPU per local rank
         self.use_amp = config.amp and self.device.type == "cuda"
         self.out_dir = Path(config.out_dir)
         self.last_path = self.out_dir / LAST_NAME
@@ -268,6 +281,10 @@ class _Run:
                       if self.adversarial else None)
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
         self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
+
+        # What the training step calls: the networks themselves, or their DDP wrappers (wrap()).
+        self.g_train: nn.Module = self.generator
+        self.d_train: nn.Module | None = self.discriminator
 
         self.curriculum = _curriculum_for(config.model)
         self.multi_scale = self.curriculum is not None
@@ -386,6 +403,26 @@ class _Run:
         self.sum_count = int(payload["loss_count"])
         self.resumed_from = self.step
 
+    def wrap(self) -> None:
+        """Wrap both networks in DDP when this is one rank of several (after any resume: DDP
+        broadcasts rank 0's weights and buffers at construction)."""
+        if not self.ctx.distributed:
+            return
+        cuda = self.device.type == "cuda"
+        if cuda:
+            # Batch statistics over the global batch. CPU ranks cannot: torch's SyncBatchNorm
+            # refuses CPU tensors, so they normalise with their own shard's statistics.
+            # The converted modules keep the same Parameter and buffer objects (the optimisers
+            # and the EMA still point at them) and the same state-dict keys.
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.generator)
+            if self.discriminator is not None:
+                nn.SyncBatchNorm.convert_sync_batchnorm(self.discriminator)
+        ids = [self.device.index] if cuda else None
+        # A multi-scale generator leaves the other scale's head out of each step.
+        self.g_train = DistributedDataParallel(self.generator, device_ids=ids, find_unused_parameters=self.multi_scale)
+        if self.discriminator is not None and self.adversarial:
+            self.d_train = DistributedDataParallel(self.discriminator, device_ids=ids)
+
     # ---------------------------------------------------------------- steps
     def phase_of(self, step: int) -> str:
         if not self.adversarial:
@@ -396,7 +433,10 @@ class _Run:
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp)
 
     def _check_finite(self, terms: dict[str, Tensor]) -> dict[str, float]:
-        values = dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist(), strict=True))
+        # Mean over the ranks: each rank's terms are means over its equal shard, so this is the term
+        # over the global batch, and a NaN on any rank stops every rank at the same step.
+        stacked = distributed.average(torch.stack([t.detach().float() for t in terms.values()]))
+        values = dict(zip(terms, stacked.tolist(), strict=True))
         for name, value in values.items():
             if not math.isfinite(value):
                 raise NonFiniteLossError(
@@ -434,7 +474,7 @@ class _Run:
         logged: dict[str, float] = {}
         if warmup:
             with self._autocast():
-                sr = _forward(self.generator, lr, scale)
+                sr = _forward(self.g_train, lr, scale)
                 total, terms = self.loss(sr, hr, warmup=self.adversarial)  # a GAN's warm-up: pixel term alone
             logged.update(self._check_finite(terms))
             self._apply(total, self.opt_g, self.scaler_g, self.generator)
@@ -446,13 +486,15 @@ class _Run:
         condition = (lr,) if self.spec.conditional_discriminator else ()
         _set_requires_grad(self.discriminator, True)
         with self._autocast():
-            sr = _forward(self.generator, lr, scale)
-            real_logits, fake_logits, _, _ = discriminate_jointly(self.discriminator, hr, sr.detach(), *condition)
+            sr = _forward(self.g_train, lr, scale)
+            real_logits, fake_logits, _, _ = discriminate_jointly(self.d_train, hr, sr.detach(), *condition)
             loss_d = discriminator_adversarial_loss(real_logits, fake_logits, relativistic=self.loss.relativistic)
         logged.update(self._check_finite({"d_adversarial": loss_d}))
         self._apply(loss_d, self.opt_d, self.scaler_d, self.discriminator)
 
         _set_requires_grad(self.discriminator, False)  # gradients reach SR through D, not D's weights
+        # The bare D, not its DDP wrapper: D's weights get no gradient in this step, and a DDP
+        # forward would wait for gradients to all-reduce that never come.
         with self._autocast():
             real_logits, fake_logits, real_features, fake_features = discriminate_jointly(
                 self.discriminator, hr, sr, *condition, with_features=self.loss.needs_discriminator_features)
@@ -563,12 +605,18 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
     steps with a checkpoint (a later call resumes it).
     """
     run = _Run(config)
-    if config.resume and run.last_path.exists():
+    main = run.ctx.is_main
+    # Rank 0's view of the folder decides for every rank (it alone deletes; the others must not
+    # see a file vanish between their check and their read).
+    resuming = distributed.broadcast_value(bool(config.resume and run.last_path.exists()))
+    if resuming:
         run.resume()
-    else:
+    elif main:
         # A fresh run must not inherit another run's kept models, nor be resumed from its state.
         for name in (*KEPT.values(), LAST_NAME):
             (run.out_dir / name).unlink(missing_ok=True)
+    distributed.barrier()
+    run.wrap()
     start = run.step
     stop = config.steps if max_steps_this_run is None else min(config.steps, start + max_steps_this_run)
     done = run.stopped_early or start >= config.steps
@@ -578,11 +626,12 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
                                batch_size=config.batch_size, lr_patch=config.lr_patch, seed=config.seed,
                                first_step=start + 1, last_step=stop, total_steps=config.steps,
                                augment=config.augment, curriculum=run.curriculum,
-                               blind_fraction=config.blind_fraction)
+                               blind_fraction=config.blind_fraction, rank=run.ctx.rank,
+                               world_size=run.ctx.world_size)
         loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
                             pin_memory=run.device.type == "cuda")
         progress = tqdm(total=config.steps, initial=start, desc=f"{config.model} x{config.scale}", unit="step",
-                        disable=config.quiet or not sys.stderr.isatty(), leave=False)
+                        disable=config.quiet or not main or not sys.stderr.isatty(), leave=False)
         run.generator.train()
         if run.discriminator is not None:
             run.discriminator.train()
@@ -601,14 +650,16 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
                 end_of_warmup = run.adversarial and run.step == config.warmup_steps
                 entry = None
                 if final or end_of_warmup or run.step % config.val_every == 0:
-                    entry = run.validate()
-                    progress.set_postfix(val_psnr=f"{entry['val_psnr']:.2f}")
-                    if end_of_warmup:
-                        run.bad_validations = 0  # the adversarial phase gets its own patience window
-                    patience = config.early_stopping_patience
-                    if patience is not None and run.bad_validations >= patience and not final:
-                        run.stopped_early = True
-                if final or run.stopped_early or run.step == stop or run.step % config.checkpoint_every == 0:
+                    if main:  # rank 0 validates alone; the others take its decision to stop
+                        entry = run.validate()
+                        progress.set_postfix(val_psnr=f"{entry['val_psnr']:.2f}")
+                        if end_of_warmup:
+                            run.bad_validations = 0  # the adversarial phase gets its own patience window
+                        patience = config.early_stopping_patience
+                        if patience is not None and run.bad_validations >= patience and not final:
+                            run.stopped_early = True
+                    run.stopped_early = distributed.broadcast_value(run.stopped_early)
+                if main and (final or run.stopped_early or run.step == stop or run.step % config.checkpoint_every == 0):
                     run.save_last()
                 if entry is not None and on_epoch is not None:
                     on_epoch(entry)
@@ -617,8 +668,9 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
         finally:
             progress.close()
             _close(batches)
-    if not run.last_path.exists():
+    if main and not run.last_path.exists():
         run.save_last()
+    distributed.barrier()  # every rank returns with rank 0's checkpoints on disk
 
     best = run.best_record
     return TrainResult(
