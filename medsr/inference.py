@@ -91,7 +91,8 @@ class PhaseTimer:
 
 
 @contextlib.contextmanager
-def _phase(timer: PhaseTimer | None, name: str) -> Iterator[None]:
+def timed_phase(timer: PhaseTimer | None, name: str) -> Iterator[None]:
+    """``timer.phase(name)`` when there is a timer, else nothing (callers without Server-Timing)."""
     if timer is None:
         yield
     else:
@@ -300,18 +301,18 @@ def upscale_image(model: torch.nn.Module, image: np.ndarray, scale: int, *, tili
     margin = tiling.margin if tiling.margin is not None else receptive_radius(model)
     rows, cols = tile_windows(height, tiling.tile, margin), tile_windows(width, tiling.tile, margin)
     if len(rows) == 1 and len(cols) == 1:
-        with _phase(timer, "forward"):
+        with timed_phase(timer, "forward"):
             return forward(model, image[None], device)[0]
     tile_h, tile_w = min(height, tiling.tile + 2 * margin), min(width, tiling.tile + 2 * margin)
     output = np.empty((1, height * scale, width * scale), dtype=np.float32)
     pending: list[tuple[tuple[int, int, int], tuple[int, int, int]]] = []
 
     def flush() -> None:
-        with _phase(timer, "window"):
+        with timed_phase(timer, "window"):
             batch = np.stack([image[:, r[0]:r[0] + tile_h, c[0]:c[0] + tile_w] for r, c in pending])
-        with _phase(timer, "forward"):
+        with timed_phase(timer, "forward"):
             results = forward(model, batch, device)
-        with _phase(timer, "window"):
+        with timed_phase(timer, "window"):
             for (row, col), result in zip(pending, results, strict=True):
                 top, left = (row[1] - row[0]) * scale, (col[1] - col[0]) * scale
                 rows_out, cols_out = (row[2] - row[1]) * scale, (col[2] - col[1]) * scale

@@ -290,8 +290,16 @@ def test_permanent_download_failure_fails_cleanly_and_leaves_data_and_champion(f
 
     params_path = flow_repo / "params.yaml"
     original = params_path.read_text()
-    kept = ("data/interim", "data/validated", "data/split", "data/pairs", "metrics", "dvc.lock")
+    kept = ("data/interim", "data/validated", "data/split", "data/pairs", "metrics")
     before = tree_digest(flow_repo, *kept)
+
+    def locked_stages_but_sources() -> dict[str, Any]:
+        # `sources` (a stat check, first in the DAG) succeeds with the edited params and records them;
+        # every stage after it must keep its lock entry.
+        stages = yaml.safe_load((flow_repo / "dvc.lock").read_text())["stages"]
+        return {name: entry for name, entry in stages.items() if name != "sources"}
+
+    lock_before = locked_stages_but_sources()
     champions_before = champion_versions(flow_repo)
     # A bigger request than the completed one, so the source has to ask the (dead) network.
     _edit_yaml(params_path, lambda p: p["data"]["sources"]["xray"]["kaggle"].update(max_images=2))
@@ -307,10 +315,12 @@ def test_permanent_download_failure_fails_cleanly_and_leaves_data_and_champion(f
     assert "\n" not in message and message.startswith("stage download failed: medsr download: "), message
     assert "still failing" in message and "ConnectionError" in message, message
     # 1 + flows.download.retries attempts, and no later stage started.
-    assert task_run_counts(state.state_details.flow_run_id, {"dvc repro download"}) == {"dvc repro download": 3}
+    counts = task_run_counts(state.state_details.flow_run_id, {"dvc repro download"})
+    # Only the `sources` check (it runs first, on every repro) ran before it.
+    assert counts.pop("dvc repro download") == 3 and set(counts) <= {"dvc repro sources"}, counts
     assert fake_kaggle_requests() == 3
     # DVC deleted data/interim before running the stage; the flow put the last good one back.
-    assert tree_digest(flow_repo, *kept) == before
+    assert tree_digest(flow_repo, *kept) == before and locked_stages_but_sources() == lock_before
     assert champion_versions(flow_repo) == champions_before
     assert (flow_repo / "data/raw/xray/images/chest_0001.png").is_file()
 
@@ -343,7 +353,8 @@ def test_retrain_keeps_the_champion_against_a_weaker_challenger_and_records_the_
         assert "does not beat registry.min_gain_db 50 dB" in decision["reason"]
         assert "same data version" in decision["compared_on"]
         for role in ("challenger", "champion"):
-            assert set(decision[role]["per_modality"]) == {"ct", "mri", "xray"}
+            cells = [cell.split("/") for cell in decision[role]["per_modality"]]  # "<track>/<modality>"
+            assert {t for t, _ in cells} == {"clean", "realistic"} and {m for _, m in cells} == {"ct", "mri", "xray"}
         assert decision["delta_db"] == pytest.approx(
             decision["challenger"]["mean_test_gain_db"] - decision["champion"]["mean_test_gain_db"], abs=1e-3)
         run = client.get_run(decision["decision_run_id"])

@@ -26,7 +26,7 @@ import contextlib
 import datetime as dt
 import gzip
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,14 +52,11 @@ class WriteError(ValueError):
         super().__init__(f"{reason}. Fix: {fix}")
 
 
-@contextlib.contextmanager
-def _phase(timer: PhaseTimer | None, name: str) -> Iterator[None]:
+def _phase(timer: PhaseTimer | None, name: str) -> contextlib.AbstractContextManager[None]:
     """``encode`` (values to stored units, codec) and ``write`` (the container) for Server-Timing."""
-    if timer is None:
-        yield
-    else:
-        with timer.phase(name):
-            yield
+    from medsr.inference import timed_phase  # lazily: torch is not needed to write a file
+
+    return timed_phase(timer, name)
 
 
 def units_of(image: MedImage, pixels: np.ndarray) -> np.ndarray:

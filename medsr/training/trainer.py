@@ -628,8 +628,12 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
                                augment=config.augment, curriculum=run.curriculum,
                                blind_fraction=config.blind_fraction, rank=run.ctx.rank,
                                world_size=run.ctx.world_size)
+        # forkserver, not fork: a forked worker inherits every thread and handler of its parent (a
+        # Prefect server's event loop, MLflow's and logging's background threads) and died with
+        # exit code 1 once the suite had run a flow in-process; the dataset pickles cheaply.
         loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
-                            pin_memory=run.device.type == "cuda")
+                            pin_memory=run.device.type == "cuda",
+                            multiprocessing_context="forkserver" if config.num_workers > 0 else None)
         progress = tqdm(total=config.steps, initial=start, desc=f"{config.model} x{config.scale}", unit="step",
                         disable=config.quiet or not main or not sys.stderr.isatty(), leave=False)
         run.generator.train()
