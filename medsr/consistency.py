@@ -17,7 +17,7 @@ Arrays follow the contract of :mod:`medsr.data`: ``(1, H, W)`` float32 in [0, 1]
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -178,11 +178,3 @@ def refine(sr: np.ndarray, lr: np.ndarray, scale: int, settings: ConsistencySett
     weight = consistency_strength(sigma, settings.noise_threshold)
     projected = project_to_input(sr, lr, scale, steps=settings.steps, blur_sigma=settings.blur_sigma)
     return np.clip(sr + np.float32(weight) * (projected - sr), 0.0, 1.0).astype(np.float32)
-
-
-def refined_predictor(predict: Callable[[np.ndarray], np.ndarray], scale: int,
-                      settings: ConsistencySettings) -> Callable[[np.ndarray], np.ndarray]:
-    """``lr -> refine(predict(lr), lr)``: a model's prediction followed by the consistency step."""
-    if not settings.enabled:
-        return predict
-    return lambda lr: refine(predict(lr), lr, scale, settings)

@@ -5,9 +5,10 @@ pair sets written by the degrade stage) and ``medsr evaluate`` (a user's own HR 
 here with the same seeded operators) both call :func:`evaluate_images` and :func:`summarize`,
 so the same image gives the same score whichever way it arrives.
 
-Tracks (:data:`medsr.data.pairing.TRACKS`): ``clean`` is antialiased bicubic downsampling alone;
-``realistic`` adds the blur ``degrade.blur_sigma`` before it and the modality's noise after it,
-seeded by ``rng_for(degrade.seed, key, scale, "realistic")`` as the degrade stage does. Scores
+Tracks (:data:`medsr.data.pairing.TRACKS`, LR images from :func:`medsr.data.pairing.track_lr`):
+``clean`` is antialiased bicubic downsampling alone; ``realistic`` adds the blur
+``degrade.blur_sigma`` before it and the modality's noise after it, seeded by
+``rng_for(degrade.seed, key, scale, "realistic")`` as the degrade stage does. Scores
 follow :mod:`medsr.metrics` (border of ``scale`` px, data range 1.0, mean of per-image scores);
 CT and MRI rows also carry foreground scores inside a body/brain mask of the HR image.
 """
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from medsr import degradations as deg
+from medsr.data.pairing import track_lr
 from medsr.metrics import FOREGROUND_MODALITIES, foreground_mask, psnr, psnr_in_mask, ssim_with_foreground
 
 REFERENCE = "bicubic"
@@ -38,19 +40,6 @@ class HeldOutImage:
     track: str
     hr: np.ndarray  # (1, H, W), H and W multiples of the scale
     lr: np.ndarray  # (1, H/scale, W/scale)
-
-
-def track_lr(hr: np.ndarray, scale: int, track: str, *, modality: str, key: str,
-             degrade_params: Mapping[str, Any]) -> np.ndarray:
-    """The LR image of ``hr`` on ``track``, exactly as the degrade stage writes it for that key."""
-    if track == "clean":
-        return deg.degrade_bicubic(hr, scale)
-    if track == "realistic":
-        noise = degrade_params["noise"][modality]
-        rng = deg.rng_for(int(degrade_params["seed"]), key, scale, "realistic")
-        return deg.degrade_standard(hr, scale, blur_sigma=float(degrade_params["blur_sigma"]),
-                                    noise_kind=str(noise["kind"]), noise_level=float(noise["level"]), rng=rng)
-    raise ValueError(f"unknown track {track!r}; known: clean, realistic")
 
 
 def score_image(sr: np.ndarray, hr: np.ndarray, *, scale: int, modality: str) -> dict[str, float]:
@@ -236,10 +225,27 @@ def folder_images(folder: Any, scale: int, tracks: Sequence[str], degrade_params
     return images, skipped
 
 
+def load_folder(folder: Any, scale: int, params: Mapping[str, Any], *,
+                modality: str | None = None) -> tuple[list[HeldOutImage], list[str]]:
+    """:func:`folder_images` with the project's params (tracks, tile size, pixel limit); raises
+    ValueError when nothing in the folder can be used."""
+    degrade_params = params["degrade"]
+    data = params.get("data") or {}
+    images, skipped = folder_images(folder, scale, list(degrade_params.get("tracks", ["clean", "realistic"])),
+                                    degrade_params, modality=modality, tile_size=int(data.get("tile_size", 256)),
+                                    max_pixels=int(data.get("max_pixels", 100_000_000)))
+    if not images:
+        raise ValueError(f"{folder}: no usable image; " + ("; ".join(skipped[:3]) or "nothing readable"))
+    return images, skipped
+
+
 def evaluate_folder(folder: Any, generator: Any, scale: int, params: Mapping[str, Any], *, label: str,
-                    modality: str | None = None, consistency: bool = True) -> dict[str, Any]:
+                    modality: str | None = None, consistency: bool = True,
+                    loaded: tuple[list[HeldOutImage], list[str]] | None = None) -> dict[str, Any]:
     """Everything ``medsr evaluate`` reports for one model on one folder (see :func:`folder_images`).
 
+    ``loaded``: the folder's :func:`load_folder` result at this scale, when several models are scored
+    on it (``medsr registry review --evaluate``), so it is read and degraded once.
     Returns ``{"model", "scale", "tracks", "consistency", "summary": rows per track and modality,
     "per_image": one row per image and track, "skipped": lines}``. Raises ValueError when nothing
     in the folder can be used.
@@ -249,15 +255,9 @@ def evaluate_folder(folder: Any, generator: Any, scale: int, params: Mapping[str
     from medsr.models import build_generator
     from medsr.training.trainer import predict_image
 
-    degrade_params = params["degrade"]
-    tracks = list(degrade_params.get("tracks", ["clean", "realistic"]))
+    tracks = list(params["degrade"].get("tracks", ["clean", "realistic"]))
     settings = ConsistencySettings.from_params(params.get("consistency") if consistency else None)
-    data = params.get("data") or {}
-    images, skipped = folder_images(folder, scale, tracks, degrade_params, modality=modality,
-                                    tile_size=int(data.get("tile_size", 256)),
-                                    max_pixels=int(data.get("max_pixels", 100_000_000)))
-    if not images:
-        raise ValueError(f"{folder}: no usable image; " + ("; ".join(skipped[:3]) or "nothing readable"))
+    images, skipped = loaded if loaded is not None else load_folder(folder, scale, params, modality=modality)
     baseline = build_generator("bicubic", scale)
     outputs = model_outputs(generator, "model", scale, settings)
     records = evaluate_images(lambda lr: {"bicubic": predict_image(baseline, lr), "model": outputs(lr)["model"]},

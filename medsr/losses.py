@@ -346,7 +346,7 @@ class LossRecipe:
     """A named weighted sum of generator loss terms."""
 
     name: str
-    pixel: str  # "l1" or "mse"
+    pixel: str  # one of PIXEL_KINDS
     weights: Mapping[str, float] = field(default_factory=dict)
     perceptual_criterion: str = "l1"
 

@@ -60,22 +60,7 @@ def psnr(sr: np.ndarray, hr: np.ndarray, *, border: int) -> float:
 
 def ssim(sr: np.ndarray, hr: np.ndarray, *, border: int) -> float:
     """SSIM (Wang et al. 2004, Gaussian 11x11 window, sigma 1.5) of one (1, H, W) image."""
-    sr_plane, hr_plane = _cropped_planes(sr, hr, border)
-    if min(hr_plane.shape) < SSIM_WINDOW:
-        raise ValueError(
-            f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels after the {border}-pixel border crop, "
-            f"got {hr_plane.shape[0]}x{hr_plane.shape[1]}"
-        )
-    return float(
-        structural_similarity(
-            hr_plane,
-            sr_plane,
-            gaussian_weights=True,
-            sigma=SSIM_GAUSSIAN_SIGMA,
-            use_sample_covariance=False,
-            data_range=1.0,
-        )
-    )
+    return ssim_with_foreground(sr, hr, None, border=border)[0]
 
 
 def evaluate_pairs(

@@ -297,14 +297,26 @@ def candidates_from_benchmark(report: Mapping[str, Any], scale: int, data_versio
             for model, per_modality in by_model.items()]
 
 
+# Benchmark gains are rounded to 4 decimals: an SSIM gain of -0.0001 may be a tie.
+SSIM_ROUNDING = 1e-4
+
+
 def is_eligible(candidate: Candidate, max_modality_loss_db: float = 0.0) -> bool:
-    """Beats bicubic on every validation cell (track x modality): PSNR gain above ``-max_modality_loss_db``
-    (strictly positive at the default 0) and SSIM no worse. Cells with no validation images are not
-    judged here (tuning on test is not allowed); at least one cell must have some."""
+    """Beats bicubic on every validation cell (track x modality).
+
+    At the default ``max_modality_loss_db`` 0: PSNR gain strictly positive and SSIM no worse (up to
+    the benchmark's rounding). With a tolerance: PSNR gain at least ``-max_modality_loss_db``,
+    SSIM not judged. Cells with no validation images are not judged (tuning on test is not
+    allowed); at least one cell must have some.
+    """
     judged = [s for s in candidate.scores.per_modality.values() if s.val_images > 0]
+
     def beats(s: ModalityScore) -> bool:
-        gain, ssim_gain = _or_nan(s.val_gain_db), _or_nan(s.val_ssim_gain if s.val_ssim_gain is not None else 0.0)
-        return gain > -max_modality_loss_db and ssim_gain >= -1e-4 if max_modality_loss_db == 0 else gain >= -max_modality_loss_db
+        gain = _or_nan(s.val_gain_db)
+        if max_modality_loss_db != 0:
+            return gain >= -max_modality_loss_db
+        return gain > 0 and _or_nan(s.val_ssim_gain if s.val_ssim_gain is not None else 0.0) >= -SSIM_ROUNDING
+
     return bool(judged) and all(beats(s) for s in judged)
 
 

@@ -141,16 +141,20 @@ def review(params: Path = ParamsOption,
     def act(p: dict[str, Any]) -> dict[str, Any]:
         reviewed = review_registry(p, limit=limit)
         if evaluate is not None:
-            from medsr.evaluation import evaluate_folder
+            from medsr.evaluation import evaluate_folder, load_folder
             from medsr.tracking import load_logged_generator
 
+            loaded: dict[int, Any] = {}  # the folder, read and degraded once per scale
             for name, entry in reviewed.items():
                 entry["evaluated"] = {}
                 for view in entry["versions"]:
                     uri = f"models:/{name}/{view.version}"
                     generator, spec = load_logged_generator(uri)
-                    entry["evaluated"][view.version] = evaluate_folder(evaluate, generator, int(spec["scale"]), p,
-                                                                       label=uri, modality=modality)
+                    scale = int(spec["scale"])
+                    if scale not in loaded:
+                        loaded[scale] = load_folder(evaluate, scale, p, modality=modality)
+                    entry["evaluated"][view.version] = evaluate_folder(evaluate, generator, scale, p, label=uri,
+                                                                       loaded=loaded[scale])
         return reviewed
 
     reviewed = _run("registry review", params, act)

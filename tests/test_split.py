@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from medsr.data.split import GAP, SPLITS, find_leaks, leaked_patients, split_table
+from medsr.data.split import GAP, find_leaks, leaked_patients, split_table
 
 FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 

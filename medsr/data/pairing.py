@@ -49,6 +49,28 @@ def _drawn(params: Mapping[str, Any], noise_level: float, rng: np.random.Generat
                                         noise_level=noise_level)
 
 
+def track_parameters(track: str, noise_level: float, params: Mapping[str, Any]) -> deg.StandardParameters:
+    """The fixed blur and noise of an evaluation track: none for ``clean``, ``degrade.blur_sigma`` and
+    the modality's level for ``realistic``."""
+    if track == "clean":
+        return deg.StandardParameters(0.0, 0.0)
+    if track == "realistic":
+        return deg.StandardParameters(float(params["blur_sigma"]), noise_level)
+    raise ValueError(f"unknown track {track!r}; known: {', '.join(TRACKS)}")
+
+
+def track_lr(hr: np.ndarray, scale: int, track: str, *, modality: str, key: str,
+             degrade_params: Mapping[str, Any]) -> np.ndarray:
+    """The LR image of ``hr`` on ``track``, seeded by ``rng_for(seed, key, scale, track)``: the one
+    definition the degrade stage writes and ``medsr evaluate`` applies to a user's files."""
+    noise_kind, noise_level = _noise(degrade_params, modality)
+    drawn = track_parameters(track, noise_level, degrade_params)
+    if track == "clean":
+        return deg.degrade_bicubic(hr, scale)
+    rng = deg.rng_for(int(degrade_params["seed"]), key, scale, track)
+    return _standard(hr, scale, noise_kind, drawn, rng)
+
+
 def _standard(hr: np.ndarray, scale: int, noise_kind: str, drawn: deg.StandardParameters,
               rng: np.random.Generator) -> np.ndarray:
     return deg.degrade_standard(hr, scale, blur_sigma=drawn.blur_sigma, noise_kind=noise_kind,
@@ -85,12 +107,10 @@ def make_pair(source: PairSource, *, interim_dir: Path, scale: int, kind: str, p
         drawn = _drawn(params, noise_level, rng)
         return PairItem(source.id, source.modality, hr=hr, lr=_standard(hr, scale, noise_kind, drawn, rng),
                         degradation=drawn.as_dict())
-    if kind == "clean":
-        return PairItem(source.id, source.modality, hr=hr, lr=deg.degrade_bicubic(hr, scale),
-                        degradation={"blur_sigma": 0.0, "noise_level": 0.0})
-    if kind == "realistic":
-        drawn = deg.StandardParameters(float(params["blur_sigma"]), noise_level)
-        return PairItem(source.id, source.modality, hr=hr, lr=_standard(hr, scale, noise_kind, drawn, rng),
+    if kind in TRACKS:
+        drawn = track_parameters(kind, noise_level, params)
+        return PairItem(source.id, source.modality, hr=hr, lr=track_lr(hr, scale, kind, modality=source.modality,
+                                                                       key=source.id, degrade_params=params),
                         degradation=drawn.as_dict())
     blind = params["blind"]
     lr = deg.degrade_blind(hr, scale, blur_sigma=tuple(blind["blur_sigma"]), resize_factor=tuple(blind["resize_factor"]),

@@ -373,7 +373,6 @@ def _nifti_volume(source: Path, images: Sequence[MedImage], results: Sequence[np
 
 
 def _nifti_bytes(source: Path, volume: np.ndarray, canonical: Any, original: Any, scale: int) -> bytes:
-    import nibabel as nib
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
     to_hr = np.eye(4)
