@@ -252,8 +252,37 @@ def test_blimsr_discriminator_is_spectrally_normalised() -> None:
 # --------------------------------------------------------------------------- parameter counts
 
 
-def test_espcn_x4_has_61680_parameters() -> None:
-    assert count_parameters(build_generator("espcn", 4)) == 61_680
+def test_espcn_x4_has_61840_parameters() -> None:
+    assert count_parameters(build_generator("espcn", 4)) == 61_840
+
+
+# --------------------------------------------------------------------------- input centring
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "bicubic"])
+def test_learned_branch_sees_the_centred_input(name: str) -> None:
+    """The first convolution of every learned generator gets ``x - 0.5``: an uncentred ReLU
+    network went dead on bright X-ray tiles (blocks module docstring)."""
+    generator = build_generator(name, 2, **sample_options(name)).eval()
+    first_inputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: first_inputs.append(args[0].detach().clone()))
+             for m in generator.modules() if isinstance(m, torch.nn.Conv2d)]
+    bright = torch.full((1, 1, 12, 12), 0.8)  # bicubic of a constant is that constant
+    with torch.no_grad():
+        generator(bright)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(first_inputs[0], torch.full_like(first_inputs[0], 0.3))
+
+
+def test_checkpoint_layout_records_the_centring() -> None:
+    """The centre is a buffer, so a checkpoint of an uncentred network fails to load."""
+    generator = build_generator("espcn", 2)
+    state = generator.state_dict()
+    assert float(state["input_center"]) == 0.5
+    del state["input_center"]
+    with pytest.raises(RuntimeError, match="input_center"):
+        build_generator("espcn", 2).load_state_dict(state)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -10,7 +10,7 @@ Discriminators return ``(N, 1)`` logits for any patch size; a conditional one
 
     >>> g = build_generator("espcn", 4)
     >>> count_parameters(g)
-    61680
+    61840
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ class BliMSRGenerator(SRGenerator):
         self.tail = shrink_init_(conv2d(n_feats, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shallow = self.head(x)
+        shallow = self.head(self.centered(x))
         feat = torch.cat([self.body_tail(self.body(shallow)), shallow], dim=1)
         return self.finish(bicubic_upsample(x, self.scale), self.tail(self.upsampler(feat)))
 

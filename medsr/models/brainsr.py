@@ -95,7 +95,7 @@ class BrainSRGenerator(SRGenerator):
         s = self.scale if scale is None else int(scale)
         if str(s) not in self.heads:
             raise ValueError(f"BrainSR generator built for scale {self.scale} has heads for {self.scales}, not {s}")
-        feat = self.pre(x)
+        feat = self.pre(self.centered(x))
         feat = feat + self.post(self.body(feat))
         return self.finish(bicubic_upsample(x, s), self.heads[str(s)](feat))
 

@@ -4,7 +4,7 @@ Seed: ``light-residual-cnn-ct.md`` (CT, github.com/Destrot1/Super_resolution, no
 residual-over-interpolation idea is VDSR: J. Kim et al., "Accurate Image Super-Resolution
 Using Very Deep Convolutional Networks", CVPR 2016).
 
-``y = up + net(up)`` with ``up = bicubic_upsample(x, scale)`` (``F.interpolate`` bicubic,
+``y = up + net(up - 0.5)`` with ``up = bicubic_upsample(x, scale)`` (``F.interpolate`` bicubic,
 align_corners=False; the same operator as the ``bicubic`` baseline) and ``net`` five 3x3
 convs, 1 -> 64 -> 64 -> 64 -> 64 -> 1, ReLU after all but the last (the residual is signed).
 Unlike the other generators it works in HR space: it refines an interpolated image, so its
@@ -30,7 +30,7 @@ from medsr.models.blocks import SRGenerator, bicubic_upsample, conv2d, shrink_in
 
 
 class ResidualCNN(SRGenerator):
-    """``bicubic(x) + net(bicubic(x))`` with a five-layer ReLU CNN."""
+    """``bicubic(x) + net(bicubic(x) - 0.5)`` with a five-layer ReLU CNN."""
 
     def __init__(self, scale: int = 2, n_feats: int = 64, n_layers: int = 5) -> None:
         super().__init__(scale)
@@ -44,4 +44,4 @@ class ResidualCNN(SRGenerator):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = bicubic_upsample(x, self.scale)
-        return self.finish(up, self.net(up))
+        return self.finish(up, self.net(self.centered(up)))

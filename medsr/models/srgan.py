@@ -48,7 +48,7 @@ class SRResNet(SRGenerator):
         self.tail = shrink_init_(make_conv(n_feats, 1, 9, separable=separable))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feat = self.head(x)
+        feat = self.head(self.centered(x))
         feat = feat + self.body_tail(self.body(feat))
         return self.finish(bicubic_upsample(x, self.scale), self.tail(self.upsampler(feat)))
 
