@@ -78,7 +78,7 @@ from medsr.training.checkpoint import (
 )
 from medsr.training import distributed
 from medsr.training.config import TrainConfig
-from medsr.training.data import FIDELITY_TRACK, Curriculum, PatchBatches, validation_tracks
+from medsr.training.data import FIDELITY_TRACK, PatchBatches, validation_tracks
 
 PHASE_PIXEL = "pixel"  # a plain model's only phase
 PHASE_WARMUP = "warmup"  # a GAN's pixel-loss pre-training
@@ -209,14 +209,6 @@ def predict_image(generator: nn.Module, lr: np.ndarray, device: str | torch.devi
     return sr[0].cpu().numpy()
 
 
-def _curriculum_for(model: str) -> Curriculum | None:
-    if model == "brainsr":
-        from medsr.models.brainsr import curriculum_stage
-
-        return curriculum_stage
-    return None
-
-
 def _set_requires_grad(module: nn.Module | None, flag: bool) -> None:
     if module is not None:
         for parameter in module.parameters():
@@ -286,7 +278,7 @@ class _Run:
         self.g_train: nn.Module = self.generator
         self.d_train: nn.Module | None = self.discriminator
 
-        self.curriculum = _curriculum_for(config.model)
+        self.curriculum = self.spec.curriculum
         self.multi_scale = self.curriculum is not None
         self.val_sets: dict[str, PairSet] = {}
         self.val_indices: dict[str, list[int] | None] = {}
