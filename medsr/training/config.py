@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _NESTED = ("loss", "model_options", "discriminator_options")
-LOSS_KEYS = frozenset({"recipe", "pixel", "adversarial", "weights"})
+# loss.recipe: a name in medsr.losses.RECIPES (default: the model's own); loss.terms: {term key:
+# its constructor arguments}, merged over the recipe's (medsr.losses.recipes.recipe_config).
+LOSS_KEYS = frozenset({"recipe", "terms"})
 
 
 @dataclass
@@ -53,7 +55,7 @@ class TrainConfig:
     lr_generator_adversarial: float | None = None
     warmup_steps: int = 0  # GAN models: pixel-loss-only steps before the adversarial phase
     adv_weight: float | None = None  # None: the loss recipe's own weight
-    loss: dict[str, Any] = field(default_factory=dict)  # recipe, pixel, adversarial, weights
+    loss: dict[str, Any] = field(default_factory=dict)  # recipe, terms (see LOSS_KEYS)
     # Learning-rate schedule of both networks, applied per phase (the pixel warm-up and the
     # adversarial phase each run their own course, as SRGAN's 1e-4 -> 1e-5 GAN phase does):
     # constant; step (x lr_gamma at each fraction of the phase in lr_milestones); cosine (from
@@ -118,9 +120,8 @@ class TrainConfig:
         unknown = set(self.loss) - LOSS_KEYS
         if unknown:
             raise ValueError(f"train.loss: unknown keys {sorted(unknown)}; known: {sorted(LOSS_KEYS)}")
-        if self.loss.get("adversarial", "vanilla") not in ("vanilla", "relativistic"):
-            raise ValueError("train.loss.adversarial must be vanilla or relativistic, "
-                             f"got {self.loss['adversarial']!r}")
+        if not isinstance(self.loss.get("terms", {}), dict):
+            raise ValueError(f"train.loss.terms must map term names to their arguments, got {self.loss['terms']!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
