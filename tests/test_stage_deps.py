@@ -17,31 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from medsr.params import load_params, section
+from medsr.dvc_stages import expanded_stages
+from medsr.params import load_params
 from medsr.provenance import import_closure, module_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def foreach_keys(foreach: Any, params: dict[str, Any]) -> list[str]:
-    """The stage names of a ``foreach``: a list's items, or a dict's keys (``${train.models}`` is
-    read from params.yaml, as DVC interpolates it)."""
-    if isinstance(foreach, str) and foreach.startswith("${") and foreach.endswith("}"):
-        foreach = section(params, foreach[2:-1])
-    return [str(k) for k in foreach]
-
-
-def expanded_stages(dvc_yaml: dict[str, Any], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """dvc.yaml's stages with ``foreach`` expanded to ``name@key`` (``${item}``/``${key}`` substituted)."""
-    stages: dict[str, dict[str, Any]] = {}
-    for name, body in (dvc_yaml.get("stages") or {}).items():
-        if "foreach" in body:
-            for key in foreach_keys(body["foreach"], params):
-                text = yaml.safe_dump(body["do"]).replace("${item}", key).replace("${key}", key)
-                stages[f"{name}@{key}"] = yaml.safe_load(text)
-        else:
-            stages[name] = body
-    return stages
 
 
 def command_entries(cmd: str | list[str], root: Path = REPO_ROOT) -> list[Path]:
