@@ -109,3 +109,11 @@ def test_a_toy_model_in_one_new_file_trains_benchmarks_and_is_a_cli_choice(tmp_p
     after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "medsr").rglob("*.py")}
     assert set(after) - set(before) == {Path("medsr/models/toy.py")}
     assert all(after[path] == content for path, content in before.items())
+
+
+def test_the_readme_says_how_to_add_a_model_in_five_lines_or_fewer() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### Add a model\n", 1)[1].split("\n\n", 1)[0]
+    lines = [line for line in section.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 5, lines
+    assert "register_architecture" in section and "train.models" in section
