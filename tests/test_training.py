@@ -326,12 +326,13 @@ def test_brainsr_curriculum_moves_from_x2_to_target_and_from_standard_to_blind(t
 
 def test_config_from_params_layers_and_rejects_typos() -> None:
     params = {"seed": 99, "train": {
-        "profile": "smoke", "out_root": "models", "batch_size": 2, "loss": {"recipe": "srgan"},
+        "profile": "smoke", "out_root": "models", "batch_size": 2,
+        "loss": {"recipe": "srgan", "terms": {"adversarial": {"weight": 0.01}}},
         "profiles": {"smoke": {"steps": 20, "batch_size": 4}, "full": {"steps": 1000}},
         "models": {"srgan": {"warmup_steps": 5, "loss": {"terms": {"adversarial": {"relativistic": True}}}}}}}
     cfg = TrainConfig.from_params(params, "srgan", 4)
     assert (cfg.steps, cfg.batch_size, cfg.warmup_steps, cfg.seed) == (20, 4, 5, 99)
-    assert cfg.loss == {"recipe": "srgan", "terms": {"adversarial": {"relativistic": True}}}
+    assert cfg.loss == {"recipe": "srgan", "terms": {"adversarial": {"weight": 0.01, "relativistic": True}}}
     with pytest.raises(ValueError, match=r"train.loss: unknown keys \['weights'\]"):
         TrainConfig.from_params({"train": {"loss": {"weights": {"tv": 0}}}}, "espcn", 2)
     assert cfg.out_dir == "models/srgan/x4" and cfg.profile == "smoke"

@@ -16,12 +16,15 @@ Expected layout of the ``train`` section (every key optional; defaults are the d
       profiles:
         smoke: {steps: 200, batch_size: 8, lr_patch: 24, val_every: 50, checkpoint_every: 50}
         full:  {steps: 20000, batch_size: 16, lr_patch: 48, val_every: 1000, checkpoint_every: 1000}
-      models:
-        srgan: {warmup_steps: 100, model_options: {n_blocks: 8}, discriminator_options: {}}
+      models:                  # the models DVC trains (dvc.yaml foreach) and their settings
+        espcn: {}
+        srgan: {warmup_steps: 100, model_options: {n_blocks: 8}, discriminator_options: {},
+                loss: {recipe: srgan, terms: {adversarial: {relativistic: true}, tv: {weight: 0}}}}
 
 Precedence: dataclass defaults < ``train`` top-level keys < ``profiles[profile]`` <
-``models[model]`` < ``profiles[profile].models[model]`` (a profile's budget for one model); nested dicts (``loss``, ``model_options``, ``discriminator_options``) are
-merged key by key. Unknown keys raise, so a typo never silently trains with a default.
+``models[model]`` < ``profiles[profile].models[model]`` (a profile's budget for one model); nested
+dicts (``loss``, ``model_options``, ``discriminator_options``) are merged key by key, and
+``loss.terms`` term by term. Unknown keys raise, so a typo never silently trains with a default.
 """
 
 from __future__ import annotations
@@ -154,7 +157,12 @@ class TrainConfig:
         for layer in (train, profile_layer, models.get(model) or {}, profile_models.get(model) or {}, overrides):
             for key, value in layer.items():
                 if key in _NESTED and isinstance(value, dict):
-                    values[key] = {**values.get(key, {}), **value}
+                    merged = {**values.get(key, {}), **value}
+                    if key == "loss" and isinstance(value.get("terms"), dict):  # a layer changes one term's arguments
+                        earlier = values.get(key, {}).get("terms") or {}
+                        merged["terms"] = {t: {**(earlier.get(t) or {}), **(value["terms"][t] or {})}
+                                           for t in {**earlier, **value["terms"]}}
+                    values[key] = merged
                 else:
                     values[key] = value
         values.update(model=model, scale=int(scale), profile=chosen)
