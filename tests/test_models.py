@@ -104,7 +104,7 @@ def test_model_spec_refuses_invalid_fields(field: str, value: object, message: s
 def test_a_model_registered_through_the_api_is_listed_and_built() -> None:
     register_architecture("toy_api", description="bicubic under another name")(_Toy)
     try:
-        assert "toy_api" in model_names(trained=True) and "toy_api" in MODEL_NAMES + ("toy_api",)
+        assert "toy_api" in model_names(trained=True) and "toy_api" not in MODEL_NAMES  # a snapshot from before
         assert build_generator("toy_api", 2)(torch.rand(1, 1, 5, 5)).shape == (1, 1, 10, 10)
         assert build_discriminator("toy_api") is None
     finally:
