@@ -32,7 +32,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-GANS = ("srgan", "swift_srgan", "brainsr", "blimsr")
 CALIBRATION_STEPS = 6  # timed steps per phase, after 2 untimed ones (CUDA kernels, cuDNN autotuning)
 VALIDATIONS_PER_PHASE = 2
 
@@ -72,7 +71,7 @@ def calibrate(config: Any, timed_steps: int = CALIBRATION_STEPS) -> dict[str, fl
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=1.5, help="training minutes per model (both phases)")
-    parser.add_argument("--models", nargs="*", default=list(GANS))
+    parser.add_argument("--models", nargs="*", help="default: every adversarial model in the registry")
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     parser.add_argument("--pairs-root", type=Path, help="default: data/pairs, or the data stages in a temp copy")
@@ -86,11 +85,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from medsr.atomic import write_json
     from medsr.data.pairs import PairSet
-    from medsr.models import build_generator
+    from medsr.models import build_generator, model_names, model_spec
     from medsr.params import load_params
     from medsr.perceptual import PERCEPTUAL_METRIC
     from medsr.training import TrainConfig, load_generator, resolve_device, train_generator
 
+    if args.models is None:
+        args.models = [name for name in model_names(trained=True) if model_spec(name).adversarial]
     device = resolve_device(args.device)
     budget_s = 60.0 * args.minutes
     hard_limit_s = 1.5 * budget_s

@@ -53,7 +53,6 @@ def main() -> None:
     from medsr.atomic import write_json
     from medsr.models import build_generator
     from medsr.params import load_params
-    from medsr.training.stage import TRAINED_MODELS
     from medsr.training import TrainConfig
 
     os.chdir(REPO)
@@ -69,7 +68,7 @@ def main() -> None:
                     "models": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for device in devices:
-            for model in TRAINED_MODELS:
+            for model in params["models"]:  # the models the pipeline trains
                 for scale in (2, 4):
                     options = TrainConfig.from_params(params, model, scale).model_options
                     generator = build_generator(model, scale, **options)

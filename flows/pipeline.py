@@ -39,6 +39,9 @@ from prefect import flow, get_run_logger, task
 from prefect.states import Failed, State
 from prefect.tasks import exponential_backoff
 
+from medsr.dvc_stages import DvcYamlError, expanded_stages
+from medsr.params import ParamsError, load_params
+
 STAGE_RAN = re.compile(r"^Running stage '([^']+)'")
 PROGRESS_BAR = re.compile(r"\d+%\|")
 DVC_ERROR = re.compile(r"^ERROR: ")
@@ -90,20 +93,11 @@ def pipeline_stages(repo: Path) -> list[StageSpec]:
     path = Path(repo) / "dvc.yaml"
     if not path.is_file():
         raise StageError(f"{path} not found: pass the repository root as `repo`")
-    stages = (yaml.safe_load(path.read_text()) or {}).get("stages", {})
-    specs: list[StageSpec] = []
-    for name, body in stages.items():
-        if "foreach" in body:
-            items = body["foreach"]
-            if not isinstance(items, list):
-                raise StageError(f"dvc.yaml stage {name}: only a list `foreach` is supported by the flow")
-            for item in items:
-                # ${item} is the only template dvc.yaml uses here; substitute it in the YAML text.
-                expanded = yaml.safe_load(yaml.safe_dump(body["do"]).replace("${item}", str(item)))
-                specs.append(_spec(f"{name}@{item}", expanded))
-        else:
-            specs.append(_spec(name, body))
-    return specs
+    try:
+        stages = expanded_stages(yaml.safe_load(path.read_text()) or {}, load_params(Path(repo) / "params.yaml"))
+    except (DvcYamlError, ParamsError) as err:
+        raise StageError(str(err)) from None
+    return [_spec(name, body) for name, body in stages.items()]
 
 
 # ---------------------------------------------------------------------------------------------

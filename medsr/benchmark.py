@@ -30,7 +30,7 @@ from medsr.models import build_generator, count_parameters
 from medsr.params import section
 from medsr.pipeline import METRICS_DIR, PAIRS_DIR, SPLIT_DIR
 from medsr.training.checkpoint import checkpoint_info, load_generator
-from medsr.training.stage import MODELS_DIR, TRAINED_MODELS
+from medsr.training.stage import MODELS_DIR
 from medsr.training.trainer import predict_image
 
 RAW_SUFFIX = ":raw"  # the network's output before the consistency step, in the ablation rows
@@ -259,7 +259,7 @@ def benchmark_stage(params: dict[str, Any]) -> dict[str, Any]:
     tracks = list(section(params, "degrade.tracks"))
     cfg = params.get("benchmark", {})
     consistency = ConsistencySettings.from_params(params.get("consistency"))
-    models = [m for m in cfg.get("models", TRAINED_MODELS)]
+    models = [str(m) for m in section(params, "train.models")]  # the keys DVC's train foreach iterates over
     limit = cfg.get("max_images_per_modality")
     report = benchmark(models, scales, PAIRS_DIR, MODELS_DIR, tracks=tracks, consistency=consistency,
                        sources=image_sources(SPLIT_DIR / "images.parquet"),

@@ -71,8 +71,32 @@ def degrade(params: Path = ParamsOption) -> None:
     console.print(f"degrade: {summary['total_pairs']} pairs written")
 
 
+def trained_model_choices(incomplete: str = "") -> list[str]:
+    """The names ``medsr train`` accepts (every trained model in the architecture registry) that
+    start with ``incomplete``: the shell completion of its MODEL argument. Imported lazily: the
+    registry imports torch, which every other command would otherwise pay for at start-up."""
+    from medsr.models import model_names
+
+    return [name for name in model_names(trained=True) if name.startswith(incomplete)]
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the registered architectures: name, whether it is trained and adversarial, description."""
+    from medsr.models import ARCHITECTURES
+
+    table = Table(title="Registered architectures (medsr/models/; `medsr train` takes the trained ones)")
+    for column in ("name", "trained", "adversarial", "pairs", "loss", "description"):
+        table.add_column(column)
+    for spec in ARCHITECTURES:
+        table.add_row(spec.name, "yes" if spec.trained else "no (baseline)", "yes" if spec.adversarial else "no",
+                      spec.training_pairs, spec.loss_recipe, spec.description)
+    console.print(table)
+
+
 @app.command()
-def train(model: str = typer.Argument(..., help="espcn, srgan, swift_srgan, brainsr, blimsr or residual_cnn"),
+def train(model: str = typer.Argument(..., autocompletion=trained_model_choices,
+                                      help="A trained model's name; `medsr models` lists them."),
           params: Path = ParamsOption,
           profile: str = typer.Option(None, "--profile", help="Override train.profile (sample, full, ...)."),
           device: str = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:N."),

@@ -41,6 +41,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medsr.data import check_contract
+from medsr.scale import check_scale
 
 NOISE_KINDS: tuple[str, ...] = ("gaussian", "poisson", "rician", "none")
 # The noise models the blind degradation draws from: X-ray/CT-like quantum noise or sensor noise.
@@ -100,12 +101,6 @@ def _check_level(value: float, name: str) -> float:
     return value
 
 
-def _check_scale(scale: int) -> int:
-    if isinstance(scale, bool) or int(scale) != scale or scale < 1:
-        raise ValueError(f"scale must be a positive integer, got {scale!r}")
-    return int(scale)
-
-
 def _check_divisible(img: np.ndarray, scale: int, name: str) -> None:
     h, w = img.shape[1:]
     if h % scale or w % scale:
@@ -137,7 +132,7 @@ def _check_range(name: str, bounds: tuple[float, float], low: float, high: float
 def crop_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
     """Crop the bottom rows and right columns so that H and W are divisible by ``multiple``."""
     _check_image(img)
-    multiple = _check_scale(multiple)
+    multiple = check_scale(multiple, supported=None)
     h, w = img.shape[1:]
     ch, cw = h - h % multiple, w - w % multiple
     if ch == 0 or cw == 0:
@@ -166,7 +161,7 @@ def resize_bicubic(img: np.ndarray, size: tuple[int, int], antialias: bool = Tru
 def degrade_bicubic(img: np.ndarray, scale: int) -> np.ndarray:
     """Antialiased bicubic downscaling by an integer ``scale``; H and W must be divisible by it."""
     _check_image(img)
-    scale = _check_scale(scale)
+    scale = check_scale(scale, supported=None)
     _check_divisible(img, scale, "image")
     h, w = img.shape[1:]
     return resize_bicubic(img, (h // scale, w // scale), antialias=True)
@@ -175,7 +170,7 @@ def degrade_bicubic(img: np.ndarray, scale: int) -> np.ndarray:
 def upsample_bicubic(img: np.ndarray, scale: int) -> np.ndarray:
     """Plain bicubic upscaling by ``scale``: the baseline every results table compares against."""
     _check_image(img)
-    scale = _check_scale(scale)
+    scale = check_scale(scale, supported=None)
     h, w = img.shape[1:]
     return resize_bicubic(img, (h * scale, w * scale), antialias=False)
 
@@ -287,7 +282,7 @@ def degrade_standard(
     records. H and W must be divisible by ``scale``.
     """
     _check_image(hr, "HR image")
-    scale = _check_scale(scale)
+    scale = check_scale(scale, supported=None)
     _check_divisible(hr, scale, "HR image")
     if noise_kind not in NOISE_KINDS:  # fail before the work, not after it
         raise ValueError(f"unknown noise kind {noise_kind!r}; valid kinds: {', '.join(NOISE_KINDS)}")
@@ -312,7 +307,7 @@ def degrade_vlr(
     (crop with :func:`crop_to_multiple` first).
     """
     _check_image(lr, "LR image")
-    scale = _check_scale(scale)
+    scale = check_scale(scale, supported=None)
     _check_divisible(lr, scale, "LR image")
     return degrade_standard(lr, scale, blur_sigma=blur_sigma, noise_kind=noise_kind,
                             noise_level=noise_level, rng=rng)
@@ -387,7 +382,7 @@ def degrade_blind(
     so they depend only on the generator and not on the image size; the noise samples follow.
     """
     _check_image(hr, "HR image")
-    scale = _check_scale(scale)
+    scale = check_scale(scale, supported=None)
     _check_divisible(hr, scale, "HR image")
     sigma_lo, sigma_hi = _check_range("blur_sigma", blur_sigma, 0.0, math.inf)
     factor_lo, factor_hi = _check_range("resize_factor", resize_factor, 1e-3, math.inf)

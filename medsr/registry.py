@@ -416,7 +416,7 @@ def scores_on_current_split(version: ModelVersion, scale: int, pairs_root: Path,
 
 
 @dataclass
-class Comparison:
+class PromotionDecision:
     """Challenger against champion on the same test split."""
 
     action: str  # "promote" or "keep"
@@ -425,22 +425,22 @@ class Comparison:
     reason: str
 
 
-def compare(challenger: Scores, champion: Scores | None, min_gain_db: float, min_images: int = 1) -> Comparison:
+def decide_promotion(challenger: Scores, champion: Scores | None, min_gain_db: float, min_images: int = 1) -> PromotionDecision:
     """Promote only when the challenger's mean test gain (over track x modality cells that both were
     scored on with at least ``min_images`` images) beats the champion's by ``min_gain_db``. Pure."""
     def counted(scores: Scores) -> set[str]:
         return {m for m, s in scores.per_modality.items() if s.images >= min_images or s.images == 0}
 
     if champion is None:
-        return Comparison("promote", None, sorted(challenger.per_modality), "no champion yet")
+        return PromotionDecision("promote", None, sorted(challenger.per_modality), "no champion yet")
     common = sorted(counted(challenger) & counted(champion))
     if not common:
-        return Comparison("keep", None, [], f"challenger and champion share no test cell with >= {min_images} images: "
+        return PromotionDecision("keep", None, [], f"challenger and champion share no test cell with >= {min_images} images: "
                           "kept as challenger")
     delta = challenger.mean_gain_db(common) - champion.mean_gain_db(common)
     verdict = "beats" if delta > 0 and delta >= min_gain_db else "does not beat"
     action = "promote" if verdict == "beats" else "keep"
-    return Comparison(action, delta, common,
+    return PromotionDecision(action, delta, common,
                       f"mean test gain over bicubic {challenger.mean_gain_db(common):+.3f} dB vs champion "
                       f"{champion.mean_gain_db(common):+.3f} dB ({delta:+.3f} dB) {verdict} registry.min_gain_db {min_gain_db:g} dB "
                       f"on {', '.join(common)}")
@@ -651,7 +651,7 @@ def register_scale(client: MlflowClient, settings: RegistrySettings, scale: int,
         if champion is not None:
             champion_scores = scores_on_current_split(champion, scale, pairs_root, data_version,
                                                       bicubic_reference(scale, pairs_root, report), params)
-        comparison = compare(best.scores, champion_scores, settings.min_gain_db, settings.min_images_per_modality)
+        promotion = decide_promotion(best.scores, champion_scores, settings.min_gain_db, settings.min_images_per_modality)
         compared_on = f"test split, data version {data_version}"
         if champion is not None and champion_scores is not None:
             if champion_scores.source == "re-evaluated":
@@ -659,17 +659,17 @@ def register_scale(client: MlflowClient, settings: RegistrySettings, scale: int,
                                 f"{champion.tags.get('data_version', 'unknown')})")
             else:
                 compared_on += "; champion numbers from its tags (same data version)"
-            decision["champion"] = champion_scores.summary(comparison.modalities)
-            decision["challenger"] = best.scores.summary(comparison.modalities)
-        decision.update(compared_on=compared_on, delta_db=None if comparison.delta_db is None else round(comparison.delta_db, 4))
-        if comparison.action == "promote":
+            decision["champion"] = champion_scores.summary(promotion.modalities)
+            decision["challenger"] = best.scores.summary(promotion.modalities)
+        decision.update(compared_on=compared_on, delta_db=None if promotion.delta_db is None else round(promotion.delta_db, 4))
+        if promotion.action == "promote":
             _set_alias(client, name, CHAMPION, number)
             _drop_alias_if_on(client, name, CHALLENGER, number)
-            decision.update(action="promoted", reason=f"v{number} ({best.model}) promoted to champion: {comparison.reason}")
+            decision.update(action="promoted", reason=f"v{number} ({best.model}) promoted to champion: {promotion.reason}")
         else:
             _set_alias(client, name, CHALLENGER, number)
             decision.update(action="kept", reason=f"champion v{champion_number} kept, v{number} ({best.model}) "
-                                                 f"is the challenger: {comparison.reason}")
+                                                 f"is the challenger: {promotion.reason}")
     champion_after = alias_version(client, name, CHAMPION)
     decision["champion_after"] = str(champion_after.version) if champion_after else None
     card = model_card(name, version, tags, decision, str(report.get("definition", "")))
@@ -822,7 +822,7 @@ def promote(params: Mapping[str, Any], name: str, version: str, *, force: bool =
     if champion_number == number:
         raise RegistryError(f"{name} v{number} is already the champion")
 
-    comparison: Comparison | None = None
+    promotion: PromotionDecision | None = None
     if champion is not None:
         data_version = tracking.data_version(Path(pairs_root))
         try:
@@ -834,18 +834,18 @@ def promote(params: Mapping[str, Any], name: str, version: str, *, force: bool =
             challenger_scores = champion_scores = None
         if challenger_scores is not None and champion_scores is not None:
             # A manual promotion only has to be no worse: min_gain_db guards the automatic one.
-            comparison = compare(challenger_scores, champion_scores, 0.0)
-            decision.update(challenger=challenger_scores.summary(comparison.modalities),
-                            champion=champion_scores.summary(comparison.modalities),
-                            delta_db=None if comparison.delta_db is None else round(comparison.delta_db, 4),
+            promotion = decide_promotion(challenger_scores, champion_scores, 0.0)
+            decision.update(challenger=challenger_scores.summary(promotion.modalities),
+                            champion=champion_scores.summary(promotion.modalities),
+                            delta_db=None if promotion.delta_db is None else round(promotion.delta_db, 4),
                             compared_on=f"test split, data version {data_version}")
-            worse = comparison.delta_db is not None and comparison.delta_db < 0
+            worse = promotion.delta_db is not None and promotion.delta_db < 0
             if worse and not force:
                 raise RegistryError(f"refusing to promote {name} v{number}: it is worse than champion v{champion_number} "
-                                    f"({comparison.reason}); pass --force --reason \"...\" to override")
+                                    f"({promotion.reason}); pass --force --reason \"...\" to override")
     _set_alias(client, name, CHAMPION, number)
     _drop_alias_if_on(client, name, CHALLENGER, number)
-    why = (reason or "").strip() or (comparison.reason if comparison else "no champion yet")
+    why = (reason or "").strip() or (promotion.reason if promotion else "no champion yet")
     for key, value in {"promoted_by": user, "promotion_reason": why[:5000],
                        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
                        "promotion_forced": str(bool(force)).lower(),

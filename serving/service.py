@@ -66,7 +66,7 @@ from serving.metrics import CONSISTENCY, INFERENCE_SECONDS, OUTPUT_MEGAPIXELS, o
 from serving.packaging import load_bentoml_generator
 from serving.schemas import AVAILABLE_SCALES, LIMITS, ArrayImage, ArrayResult
 from serving.uploads import InputError, Refiner, read_upload, upscale_file
-from serving.web import compare, png_data_url, public_samples, web_app
+from serving.web import png_data_url, public_samples, side_by_side, web_app
 
 # A child of BentoML's logger: its handlers and format carry our lines into the server log.
 logger = logging.getLogger("bentoml.medsr")
@@ -436,10 +436,10 @@ class MedSR:
                 raise InputError("unprocessable", f"frame {index} out of range: the file holds {len(images)}",
                                  f"pass frame between 0 and {len(images) - 1}")
             noise_kind = str((CONFIG.degrade.get("noise") or {}).get(chosen_modality, {}).get("kind", "gaussian"))
-            comparison = compare(images[index].pixels, generator, noise_kind=noise_kind, noise_level=float(noise),
-                                 blur_sigma=float(blur), consistency_blur_sigma=self.blur_sigma,
-                                 known_original=bool(known_original), max_side=int(SERVING["demo_max_side"]),
-                                 tiling=self.tiling_for(generator), device=self.device, seed=int(seed))
+            view = side_by_side(images[index].pixels, generator, noise_kind=noise_kind, noise_level=float(noise),
+                                blur_sigma=float(blur), consistency_blur_sigma=self.blur_sigma,
+                                known_original=bool(known_original), max_side=int(SERVING["demo_max_side"]),
+                                tiling=self.tiling_for(generator), device=self.device, seed=int(seed))
         except InputError as err:
             logger.info("request_id=%s endpoint=/demo rejected status=%d: %s", request_id,
                         input_error_response(err).status_code, err.error)
@@ -454,10 +454,10 @@ class MedSR:
             file.unlink(missing_ok=True)
         seconds = time.perf_counter() - started
         INFERENCE_SECONDS.labels(endpoint="/demo").observe(seconds)
-        CONSISTENCY.labels(endpoint="/demo").observe(comparison.consistency_psnr)
+        CONSISTENCY.labels(endpoint="/demo").observe(view.consistency_psnr)
         logger.info("request_id=%s endpoint=/demo format=%s modality=%s lr=%dx%d scale=%d consistency=%.2fdB "
-                    "seconds=%.2f", request_id, file_format, chosen_modality, *comparison.lr.shape[1:], generator.scale,
-                    comparison.consistency_psnr, seconds)
+                    "seconds=%.2f", request_id, file_format, chosen_modality, *view.lr.shape[1:], generator.scale,
+                    view.consistency_psnr, seconds)
         return {
             "request_id": request_id,
             "model": generator.describe(),
@@ -469,15 +469,15 @@ class MedSR:
             "known_original": bool(known_original),
             "noise": {"kind": noise_kind, "level": float(noise)},
             "blur_sigma": float(blur),
-            "cropped": comparison.cropped,
-            "sizes": {"lr": list(comparison.lr.shape[1:]), "output": list(comparison.sr.shape[1:])},
-            "images": {"lr": png_data_url(comparison.lr), "bicubic": png_data_url(comparison.bicubic),
-                       "model": png_data_url(comparison.sr),
-                       "original": None if comparison.hr is None else png_data_url(comparison.hr)},
-            "scores": comparison.scores,
-            "consistency_psnr": comparison.consistency_psnr,
-            "consistency_warning": self._warning(comparison.consistency_psnr),
-            "download": {"filename": f"medsr_x{generator.scale}.png", "png16": png_data_url(comparison.sr, bits=16)},
+            "cropped": view.cropped,
+            "sizes": {"lr": list(view.lr.shape[1:]), "output": list(view.sr.shape[1:])},
+            "images": {"lr": png_data_url(view.lr), "bicubic": png_data_url(view.bicubic),
+                       "model": png_data_url(view.sr),
+                       "original": None if view.hr is None else png_data_url(view.hr)},
+            "scores": view.scores,
+            "consistency_psnr": view.consistency_psnr,
+            "consistency_warning": self._warning(view.consistency_psnr),
+            "download": {"filename": f"medsr_x{generator.scale}.png", "png16": png_data_url(view.sr, bits=16)},
             "seconds": seconds,
         }
 

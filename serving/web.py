@@ -1,7 +1,7 @@
 """The web page: its GET routes (mounted at / beside the API) and the comparison /demo shows.
 
 The page (``serving/static``) uploads a file or picks an embedded sample and shows LR | bicubic |
-model (and the original when known) with PSNR/SSIM; :func:`compare` computes that view.
+model (and the original when known) with PSNR/SSIM; :func:`side_by_side` computes that view.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def png_data_url(image: np.ndarray, bits: int = 8) -> str:
 
 
 @dataclass
-class Comparison:
+class SideBySide:
     """LR input, bicubic and model outputs (and the original when known), with their scores."""
 
     lr: np.ndarray
@@ -119,9 +119,9 @@ def center_crop(image: np.ndarray, max_side: int, multiple: int = 1) -> tuple[np
     return cropped, (new_h, new_w) != (height, width)
 
 
-def compare(image: np.ndarray, generator: LoadedGenerator, *, noise_kind: str, noise_level: float,
-            blur_sigma: float, consistency_blur_sigma: float, known_original: bool, max_side: int,
-            tiling: Tiling, device: Any, seed: int = 0) -> Comparison:
+def side_by_side(image: np.ndarray, generator: LoadedGenerator, *, noise_kind: str, noise_level: float,
+                 blur_sigma: float, consistency_blur_sigma: float, known_original: bool, max_side: int,
+                 tiling: Tiling, device: Any, seed: int = 0) -> SideBySide:
     """What the web page shows: degrade the input as the sliders say, upscale it two ways, score.
 
     ``known_original``: the image is treated as the high-resolution original and the model's
@@ -150,7 +150,7 @@ def compare(image: np.ndarray, generator: LoadedGenerator, *, noise_kind: str, n
                 scores[name]["ssim"] = ssim(candidate, hr, border=scale)
             except ValueError:  # too small for the SSIM window
                 pass
-    return Comparison(lr=lr, bicubic=bicubic, sr=sr, hr=hr, scores=scores,
+    return SideBySide(lr=lr, bicubic=bicubic, sr=sr, hr=hr, scores=scores,
                       consistency_psnr=consistency_psnr(sr, lr, scale, consistency_blur_sigma), cropped=cropped)
 
 

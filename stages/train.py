@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from medsr.stage_entry import run_stage
-from medsr.training.stage import TRAINED_MODELS, train_stage
+from medsr.training.stage import train_stage
 
 
 def _report(summary: dict[str, Any]) -> str:
@@ -18,6 +18,6 @@ def _report(summary: dict[str, Any]) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="stages/train.py", description=__doc__)
     # Not argparse choices: an unknown name gets train_stage's one-line refusal, as `medsr train` gives.
-    parser.add_argument("model", help=", ".join(TRAINED_MODELS))
+    parser.add_argument("model", help="a trained model's name (params.yaml `models` lists what DVC trains)")
     args = parser.parse_args()
     sys.exit(run_stage("train", lambda params: train_stage(params, args.model), _report))

@@ -157,7 +157,7 @@ def flow_repo(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> 
     def edit_params(p: dict[str, Any]) -> None:
         p["train"]["profile"] = "smoke"
         p["data"]["volume_slice_step"] = 18  # fewer MRI slices: the benchmark's time is whole-image inference
-        p["benchmark"]["models"] = ["espcn"]
+        p["train"]["models"] = {"espcn": {}}  # the one list of models: DVC's train foreach and the benchmark
         xray = p["data"]["sources"]["xray"]
         xray["kind"] = "kaggle"
         xray["kaggle"] = {"dataset": "medsr-test/xray", "max_images": 1}
@@ -167,7 +167,6 @@ def flow_repo(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> 
         p["registry"]["max_modality_loss_db"] = 2.0  # 12 smoke steps do not beat bicubic everywhere
 
     def edit_dvc(d: dict[str, Any]) -> None:
-        d["stages"]["train"]["foreach"] = ["espcn"]
         d["stages"].setdefault("register", REGISTER_STAGE)
 
     _edit_yaml(repo / "params.yaml", edit_params)

@@ -56,7 +56,8 @@ def test_the_adversarial_term_alone_trains_the_generator(tracked_root: Path, tmp
     options = TINY_SRGAN if model != "brainsr" else {"model_options": {"n_feats": 8, "n_blocks": 1},
                                                       "discriminator_options": {"features": (8, 8), "hidden": 16}}
     cfg = config(tracked_root, tmp_path / "run", model=model, steps=1, warmup_steps=0, grad_clip=None,
-                 loss={"weights": {"pixel": 0.0, "feature": 0.0, "tv": 0.0}, "recipe": "srgan"},
+                 loss={"recipe": "srgan", "terms": {"pixel": {"weight": 0.0}, "feature": {"weight": 0.0},
+                                                    "tv": {"weight": 0.0}}},
                  adv_weight=1.0, **options)
     run = _Run(cfg)
     before = parameters_of(run.generator)

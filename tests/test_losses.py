@@ -13,10 +13,11 @@ from torch import nn
 from medsr.losses import (
     NO_PERCEPTUAL_NOTE,
     RECIPES,
+    TERMS,
     FeatureExtractor,
+    FeatureLoss,
     GeneratorLoss,
-    blimsr_generator_loss,
-    build_feature_loss,
+    LossTerm,
     discriminator_adversarial_loss,
     dssim_loss,
     feature_matching_loss,
@@ -24,8 +25,7 @@ from medsr.losses import (
     generator_adversarial_loss,
     gradient_loss,
     pixel_loss,
-    recipe_for_model,
-    srgan_generator_loss,
+    recipe_config,
     ssim_torch,
     total_variation_loss,
     vgg19_feature_layers,
@@ -82,7 +82,7 @@ def test_tv_term_is_summed_per_image_so_the_srgan_weight_counts() -> None:
     # term is a small but real fraction of the MSE term. Averaged per pixel (the old scale) it was
     # ~1e-9, about a millionth of the MSE: zero in effect.
     sr, hr = camera_batch(size=96, noise=0.03)
-    weighted_tv = RECIPES["srgan"].weights["tv"] * total_variation_loss(sr).item()
+    weighted_tv = RECIPES["srgan"]["tv"]["weight"] * total_variation_loss(sr).item()
     mse = pixel_loss(sr, hr, "mse").item()
     assert 1e-3 < weighted_tv / mse < 0.5
     # Per image: the value does not depend on the batch size, and grows with the image's area.
@@ -157,17 +157,19 @@ def save_vgg19_like_torchvision(path, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_build_feature_loss_without_a_weights_file_is_none() -> None:
-    assert build_feature_loss(None) is None
-    assert build_feature_loss("") is None
+def test_feature_term_without_a_weights_file_matches_discriminator_features() -> None:
+    for path in (None, ""):
+        term = FeatureLoss(weights_path=path)
+        assert not term.perceptual and term.log_name == "feature_matching" and term.note == NO_PERCEPTUAL_NOTE
 
 
 def test_vgg19_loads_only_from_a_file_and_passes_gradient(tmp_path) -> None:
     path = tmp_path / "vgg19.pth"
     state = save_vgg19_like_torchvision(path)
-    perceptual = build_feature_loss(str(path))
-    assert perceptual is not None
+    perceptual = FeatureLoss(weights_path=str(path))
+    assert perceptual.perceptual and perceptual.log_name == "perceptual"
     extractor = perceptual.extractor
+    assert extractor is not None
     assert torch.equal(extractor.features[34].weight, state["features.34.weight"])  # conv5_4 loaded
     assert len(extractor.features) == 35 and isinstance(extractor.features[-1], nn.Conv2d)
     assert not any(p.requires_grad for p in extractor.parameters())
@@ -193,21 +195,21 @@ def test_vgg19_loads_only_from_a_file_and_passes_gradient(tmp_path) -> None:
 
 def test_vgg19_weight_file_errors_are_clear(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="do not exist"):
-        build_feature_loss(str(tmp_path / "missing.pth"))
+        FeatureLoss(weights_path=str(tmp_path / "missing.pth"))
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"this is not a checkpoint")
     with pytest.raises(ValueError, match="corrupt.pth: not a readable VGG19 state_dict"):
-        build_feature_loss(str(corrupt))
+        FeatureLoss(weights_path=str(corrupt))
     other = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(3, 3)}, other)
     with pytest.raises(ValueError, match="not VGG19 feature weights"):
-        build_feature_loss(str(other))
+        FeatureLoss(weights_path=str(other))
     wrong_shape = tmp_path / "wrong.pth"
     state = {f"features.{k}": v for k, v in vgg19_feature_layers(35).state_dict().items()}
     state["features.0.weight"] = torch.zeros(64, 1, 3, 3)
     torch.save(state, wrong_shape)
     with pytest.raises(ValueError, match="features.0.weight has shape"):
-        build_feature_loss(str(wrong_shape))
+        FeatureLoss(weights_path=str(wrong_shape))
 
 
 def test_blimsr_loss_every_term_reaches_the_sr_batch() -> None:
@@ -217,8 +219,9 @@ def test_blimsr_loss_every_term_reaches_the_sr_batch() -> None:
     fake_logits, fake_features = forward_with_features(discriminator, sr)
     with torch.no_grad():
         real_logits, real_features = forward_with_features(discriminator, hr)
-    total, terms = blimsr_generator_loss(sr, hr, fake_logits, real_logits=real_logits, fake_features=fake_features,
-                                         real_features=real_features)
+    blimsr = GeneratorLoss.from_config(recipe_config("blimsr"), name="blimsr")
+    total, terms = blimsr(sr, hr, fake_logits=fake_logits, real_logits=real_logits, fake_features=fake_features,
+                          real_features=real_features)
     assert set(terms) == {"feature_matching", "adversarial", "pixel_l1", "gradient", "dssim"}
     for name, term in terms.items():
         assert grad_to(term, sr).abs().sum() > 0, f"no gradient from {name}"
@@ -226,17 +229,18 @@ def test_blimsr_loss_every_term_reaches_the_sr_batch() -> None:
                 + terms["gradient"] + terms["dssim"])
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="feature matching"):
-        blimsr_generator_loss(sr, hr, fake_logits)
+        blimsr(sr, hr, fake_logits=fake_logits)
 
 
 def test_srgan_adversarial_and_perceptual_terms_carry_gradient(tmp_path) -> None:
     path = tmp_path / "vgg19.pth"
     save_vgg19_like_torchvision(path)
-    perceptual = build_feature_loss(str(path), criterion="mse")
+    srgan = GeneratorLoss.from_config(recipe_config("srgan"), name="srgan", feature_weights=str(path))
+    assert srgan.feature_loss_note == f"vgg19 perceptual ({path})"
     sr, hr = camera_batch(size=32)
     sr.requires_grad_(True)
     fake_logits = tiny_discriminator()(sr)
-    total, terms = srgan_generator_loss(sr, hr, fake_logits, perceptual=perceptual)
+    total, terms = srgan(sr, hr, fake_logits=fake_logits)
     assert set(terms) == {"pixel_mse", "perceptual", "adversarial", "tv"}
     for name in ("perceptual", "adversarial"):
         assert grad_to(terms[name], sr).abs().sum() > 0, f"no gradient from {name}"
@@ -244,20 +248,73 @@ def test_srgan_adversarial_and_perceptual_terms_carry_gradient(tmp_path) -> None
 
 
 def test_generator_loss_recipes_and_warmup() -> None:
-    assert recipe_for_model("espcn", adversarial=False) == "pixel"
-    assert recipe_for_model("swift_srgan", adversarial=True) == "srgan"
-    assert recipe_for_model("blimsr", adversarial=True) == "blimsr"
-    assert recipe_for_model("brainsr", adversarial=True, conditional_discriminator=True) == "cgan"
-    loss = GeneratorLoss(RECIPES["srgan"])
+    from medsr.models import model_spec
+
+    assert [model_spec(m).loss_recipe for m in ("espcn", "swift_srgan", "blimsr", "brainsr", "residual_cnn")] == [
+        "pixel", "srgan", "blimsr", "cgan", "pixel"]
+    loss = GeneratorLoss.from_config(RECIPES["srgan"], name="srgan")
     assert loss.needs_discriminator_features and loss.feature_loss_note == NO_PERCEPTUAL_NOTE
     sr, hr = camera_batch(size=16)
     total, terms = loss(sr, hr, warmup=True)
     assert list(terms) == ["pixel_mse"] and total.item() == pytest.approx(F.mse_loss(sr, hr).item())
-    assert GeneratorLoss(RECIPES["pixel"]).feature_loss_note == "not used"
-    stronger = RECIPES["srgan"].with_overrides(adversarial_weight=0.5, pixel="l1")
-    assert stronger.weights["adversarial"] == 0.5 and stronger.pixel == "l1"
-    with pytest.raises(ValueError, match="unknown loss terms"):
-        RECIPES["pixel"].with_overrides(weights={"style": 1.0})
+    assert GeneratorLoss.from_config(RECIPES["pixel"]).feature_loss_note == "not used"
+    stronger = recipe_config("srgan", {"adversarial": {"weight": 0.5}, "pixel": {"kind": "l1"}})
+    assert stronger["adversarial"] == {"weight": 0.5} and stronger["pixel"] == {"kind": "l1", "weight": 1.0}
+    assert list(stronger) == list(RECIPES["srgan"])  # the summation order is the recipe's
+    with pytest.raises(ValueError, match="unknown loss term 'style'; known: pixel, feature"):
+        GeneratorLoss.from_config(recipe_config("pixel", {"style": {"weight": 1.0}}))
+    with pytest.raises(ValueError, match="unknown loss recipe 'esrgan'; known: pixel, srgan, blimsr, cgan"):
+        recipe_config("esrgan")
+
+
+# The published weights, written out: a recipe built from config must reproduce them exactly.
+PUBLISHED = {
+    "pixel": [("pixel_l1", 1.0)],
+    "srgan": [("pixel_mse", 1.0), ("feature_matching", 0.006), ("adversarial", 1e-3), ("tv", 2e-8)],
+    "blimsr": [("feature_matching", 1.0), ("adversarial", 0.01), ("pixel_l1", 0.1), ("gradient", 1.0), ("dssim", 1.0)],
+    "cgan": [("pixel_l1", 1.0), ("feature_matching", 0.1), ("adversarial", 1e-3)],
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_each_recipe_is_built_from_config_with_its_published_weights(name: str) -> None:
+    loss = GeneratorLoss.from_config(recipe_config(name), name=name)
+    assert [(t.log_name, t.weight) for t in loss.terms] == PUBLISHED[name]
+    sr, hr = camera_batch(size=32)
+    discriminator = tiny_discriminator()
+    fake_logits, fake_features = forward_with_features(discriminator, sr)
+    real_logits, real_features = forward_with_features(discriminator, hr)
+    total, terms = loss(sr, hr, fake_logits=fake_logits, real_logits=real_logits, fake_features=fake_features,
+                        real_features=real_features)
+    assert list(terms) == [log_name for log_name, _ in PUBLISHED[name]]
+    # The weighted sum, in the recipe's order, exactly as the loop before the refactor computed it.
+    expected = sr.new_zeros(())
+    for log_name, weight in PUBLISHED[name]:
+        expected = expected + weight * terms[log_name]
+    assert total.item() == expected.item()
+
+
+@pytest.mark.parametrize("key", list(TERMS))
+def test_every_term_is_constructed_the_same_way_and_validates_it(key: str) -> None:
+    term_class = TERMS[key]
+    term = term_class(weight=0.5, reduction="mean")
+    assert isinstance(term, LossTerm) and term.key == key and term.weight == 0.5 and term.reduction == "mean"
+    assert term_class().weight == 1.0 and term_class().reduction == "mean"
+    for weight in (-1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match=rf"loss term '{key}': weight must be a finite number >= 0"):
+            term_class(weight=weight)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"loss term '{key}': reduction must be one of"):
+        term_class(reduction="none")
+
+
+def test_sum_reduction_where_a_term_offers_it() -> None:
+    sr, hr = camera_batch(size=16)
+    n = sr.numel()
+    assert TERMS["pixel"](reduction="sum")(sr, hr).item() == pytest.approx(F.l1_loss(sr, hr).item() * n, rel=1e-5)
+    assert TERMS["tv"](reduction="sum")(sr, hr).item() == pytest.approx(2 * total_variation_loss(sr).item(), rel=1e-6)
+    assert "sum" not in TERMS["dssim"].reductions and "sum" not in TERMS["adversarial"].reductions
+    with pytest.raises(ValueError, match="loss term 'pixel': kind must be one of l1, mse, log_mse"):
+        TERMS["pixel"](kind="l2")
 
 
 def test_log_mse_is_minus_the_mean_patch_psnr_and_weighs_patches_by_their_error() -> None:

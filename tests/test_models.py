@@ -12,14 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medsr.models import (MODEL_NAMES, ModelSpec, build_discriminator, build_generator, count_parameters,
-                          curriculum_stage, model_spec)
-from medsr.models.blocks import SUPPORTED_SCALES, bicubic_upsample
+from medsr.models import (ARCHITECTURES, ModelSpec, build_discriminator, build_generator, count_parameters,
+                          curriculum_stage, model_names, model_spec, register_architecture)
+from medsr.models.architectures import ArchitectureRegistry
+from medsr.models.blocks import SRGenerator, bicubic_upsample
+from medsr.scale import SUPPORTED_SCALES
 
 LR_H, LR_W = 13, 17  # odd on purpose: pixel shuffle and strided convs must not assume even sizes
 BATCH = 2
+MODEL_NAMES = model_names()
 ADVERSARIAL = [n for n in MODEL_NAMES if model_spec(n).adversarial]
-TRAINABLE = [n for n in MODEL_NAMES if n != "bicubic"]
+TRAINABLE = list(model_names(trained=True))
 # Models whose train and eval forward differ only by the eval clamp (no BatchNorm, no dropout).
 NO_BATCHNORM = ["espcn", "brainsr", "blimsr", "residual_cnn", "bicubic"]
 MODELS_DIR = Path(importlib.import_module("medsr.models").__file__).parent
@@ -35,7 +38,7 @@ def lr_batch(h: int = LR_H, w: int = LR_W) -> torch.Tensor:
 
 
 def model_module(name: str):
-    return importlib.import_module(f"medsr.models.{name}")
+    return importlib.import_module(model_spec(name).generator.__module__)
 
 
 def sample_options(name: str, discriminator: bool = False) -> dict[str, int]:
@@ -54,7 +57,59 @@ def documented_counts(name: str) -> dict[str, int]:
 
 
 def test_registry_lists_the_seven_models() -> None:
-    assert MODEL_NAMES == ("espcn", "srgan", "swift_srgan", "brainsr", "blimsr", "residual_cnn", "bicubic")
+    assert MODEL_NAMES == ("bicubic", "blimsr", "brainsr", "espcn", "residual_cnn", "srgan", "swift_srgan")
+    assert TRAINABLE == [n for n in MODEL_NAMES if n != "bicubic"]
+
+
+def test_every_model_is_registered_by_its_own_file() -> None:
+    # The registry is filled by the decorators alone: the package imports every module in it.
+    for name in MODEL_NAMES:
+        assert model_module(name).__name__ == f"medsr.models.{name}", name
+    assert model_spec("srgan").generator.__name__ == "SRResNet"
+    assert model_spec("brainsr").curriculum is curriculum_stage
+
+
+class _Toy(SRGenerator):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(bicubic_upsample(x, self.scale))
+
+
+def test_registry_refuses_a_taken_name_and_names_itself() -> None:
+    registry = ArchitectureRegistry("test")
+    register = lambda name: registry.add(ModelSpec(  # noqa: E731
+        name, _Toy, None, False, "standard", (2, 4), "", "a toy", "pixel"))
+    register("toy")
+    with pytest.raises(ValueError, match=r"test registry: 'toy' is already registered by .*_Toy"):
+        register("toy")
+    with pytest.raises(ValueError, match=r"unknown model 'other' in the test registry; valid names: toy"):
+        registry.get("other")
+    # The shared registry refuses an existing model's name from a new decorator, and is unchanged after.
+    with pytest.raises(ValueError, match=r"architecture registry: 'espcn' is already registered by .*ESPCN"):
+        register_architecture("espcn", description="a second espcn")(_Toy)
+    assert model_spec("espcn").generator.__name__ == "ESPCN"
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("name", "Toy-2", "lower-case Python identifier"), ("training_pairs", "paired", "training_pairs must be one of"),
+    ("scales", (3,), "supported scales: 2, 4"), ("description", " ", "a description is required"),
+    ("conditional_discriminator", True, "needs a discriminator"),
+])
+def test_model_spec_refuses_invalid_fields(field: str, value: object, message: str) -> None:
+    fields = dict(name="toy", generator=_Toy, discriminator=None, conditional_discriminator=False,
+                  training_pairs="standard", scales=(2, 4), seed="", description="a toy", loss_recipe="pixel")
+    with pytest.raises(ValueError, match=message):
+        ModelSpec(**{**fields, field: value})
+
+
+def test_a_model_registered_through_the_api_is_listed_and_built() -> None:
+    register_architecture("toy_api", description="bicubic under another name")(_Toy)
+    try:
+        assert "toy_api" in model_names(trained=True) and "toy_api" not in MODEL_NAMES  # a snapshot from before
+        assert build_generator("toy_api", 2)(torch.rand(1, 1, 5, 5)).shape == (1, 1, 10, 10)
+        assert build_discriminator("toy_api") is None
+    finally:
+        ARCHITECTURES.remove("toy_api")
+    assert "toy_api" not in model_names()
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medsr.registry import Candidate, ModalityScore, Scores, choose_best, compare, is_eligible
+from medsr.registry import Candidate, ModalityScore, Scores, choose_best, decide_promotion, is_eligible
 
 CELLS = ("clean/mri", "clean/xray", "realistic/mri", "realistic/xray")
 
@@ -42,13 +42,13 @@ def test_choose_best_ranks_eligible_by_mean_validation_gain_across_cells() -> No
 
 def test_compare_moves_the_champion_on_mean_gain_with_a_margin_and_enough_images() -> None:
     champion = _scores(0.30)
-    assert compare(_scores(0.40), champion, min_gain_db=0.05).action == "promote"
-    kept = compare(_scores(0.33), champion, min_gain_db=0.05)
+    assert decide_promotion(_scores(0.40), champion, min_gain_db=0.05).action == "promote"
+    kept = decide_promotion(_scores(0.33), champion, min_gain_db=0.05)
     assert kept.action == "keep" and kept.delta_db == pytest.approx(0.03)
-    assert compare(_scores(0.40), None, min_gain_db=0.05).action == "promote"
+    assert decide_promotion(_scores(0.40), None, min_gain_db=0.05).action == "promote"
     # Cells with too few images do not count: here none is left, so nothing moves.
-    few = compare(_scores(0.9, images=2), _scores(0.3, images=2), min_gain_db=0.05, min_images=5)
+    few = decide_promotion(_scores(0.9, images=2), _scores(0.3, images=2), min_gain_db=0.05, min_images=5)
     assert few.action == "keep" and few.modalities == []
     # One big cell cannot hide one lost cell's cost: the mean is over cells.
     mixed = _scores({**dict.fromkeys(CELLS, 0.3), "clean/xray": 0.5})
-    assert compare(mixed, champion, 0.0).delta_db == pytest.approx(0.05)
+    assert decide_promotion(mixed, champion, 0.0).delta_db == pytest.approx(0.05)

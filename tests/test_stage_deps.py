@@ -17,21 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
+from medsr.dvc_stages import expanded_stages
+from medsr.params import load_params
 from medsr.provenance import import_closure, module_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def expanded_stages(dvc_yaml: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """dvc.yaml's stages with ``foreach`` expanded to ``name@item`` (``${item}`` substituted)."""
-    stages: dict[str, dict[str, Any]] = {}
-    for name, body in (dvc_yaml.get("stages") or {}).items():
-        if "foreach" in body:
-            for item in body["foreach"]:
-                stages[f"{name}@{item}"] = yaml.safe_load(yaml.safe_dump(body["do"]).replace("${item}", str(item)))
-        else:
-            stages[name] = body
-    return stages
 
 
 def command_entries(cmd: str | list[str], root: Path = REPO_ROOT) -> list[Path]:
@@ -66,7 +56,7 @@ def missing_deps(stage: dict[str, Any], root: Path = REPO_ROOT) -> list[str]:
 
 @pytest.fixture(scope="module")
 def stages() -> dict[str, dict[str, Any]]:
-    return expanded_stages(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text()))
+    return expanded_stages(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text()), load_params(REPO_ROOT / "params.yaml"))
 
 
 def test_every_stage_lists_every_project_file_its_command_imports(stages: dict[str, dict[str, Any]]) -> None:

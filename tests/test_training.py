@@ -259,10 +259,15 @@ def test_nan_in_the_data_stops_with_the_model_step_and_term(tmp_path: Path) -> N
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
 
 
-def test_nan_in_an_adversarial_step_names_the_term(pairs_root: Path, tmp_path: Path) -> None:
+def test_nan_in_an_adversarial_step_names_the_term(pairs_root: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import medsr.losses.pixel
+
+    # The TV term (adversarial phase only) turns NaN; its weight itself could not be NaN (refused).
+    monkeypatch.setattr(medsr.losses.pixel, "total_variation_loss", lambda x, reduction: x.sum() * float("nan"))
     cfg = config(pairs_root, tmp_path / "run", model="srgan", steps=6, warmup_steps=2, checkpoint_every=2,
-                 **TINY_SRGAN, loss={"weights": {"tv": float("nan")}})
-    with pytest.raises(NonFiniteLossError, match=r"srgan x2: loss term 'total' is nan at step 3"):
+                 **TINY_SRGAN)
+    with pytest.raises(NonFiniteLossError, match=r"srgan x2: loss term 'tv' is nan at step 3"):
         train_generator(cfg)
     # The last checkpoint is the healthy warm-up state of step 2.
     last = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -321,12 +326,15 @@ def test_brainsr_curriculum_moves_from_x2_to_target_and_from_standard_to_blind(t
 
 def test_config_from_params_layers_and_rejects_typos() -> None:
     params = {"seed": 99, "train": {
-        "profile": "smoke", "out_root": "models", "batch_size": 2, "loss": {"pixel": "l1"},
+        "profile": "smoke", "out_root": "models", "batch_size": 2,
+        "loss": {"recipe": "srgan", "terms": {"adversarial": {"weight": 0.01}}},
         "profiles": {"smoke": {"steps": 20, "batch_size": 4}, "full": {"steps": 1000}},
-        "models": {"srgan": {"warmup_steps": 5, "loss": {"adversarial": "relativistic"}}}}}
+        "models": {"srgan": {"warmup_steps": 5, "loss": {"terms": {"adversarial": {"relativistic": True}}}}}}}
     cfg = TrainConfig.from_params(params, "srgan", 4)
     assert (cfg.steps, cfg.batch_size, cfg.warmup_steps, cfg.seed) == (20, 4, 5, 99)
-    assert cfg.loss == {"pixel": "l1", "adversarial": "relativistic"}
+    assert cfg.loss == {"recipe": "srgan", "terms": {"adversarial": {"weight": 0.01, "relativistic": True}}}
+    with pytest.raises(ValueError, match=r"train.loss: unknown keys \['weights'\]"):
+        TrainConfig.from_params({"train": {"loss": {"weights": {"tv": 0}}}}, "espcn", 2)
     assert cfg.out_dir == "models/srgan/x4" and cfg.profile == "smoke"
     assert TrainConfig.from_params(params, "espcn", 2, profile="full").steps == 1000
     with pytest.raises(ValueError, match="unknown training options"):

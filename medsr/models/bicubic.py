@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import torch
 
+from medsr.models.architectures import register_architecture
 from medsr.models.blocks import SRGenerator, bicubic_upsample
 
 
+@register_architecture("bicubic", trained=False,
+                       description="Bicubic interpolation baseline (no parameters, nothing to train).")
 class Bicubic(SRGenerator):
     """Bicubic upsampling by ``scale``."""
 

@@ -47,6 +47,7 @@ import math
 import torch
 from torch import nn
 
+from medsr.models.architectures import register_architecture
 from medsr.models.blocks import (SRGenerator, bicubic_resize, bicubic_upsample, conv2d, shrink_init_,
                                  spectral_conv2d, spectral_linear)
 
@@ -105,29 +106,6 @@ class ResidualGroup(nn.Module):
         return x + self.body(x)
 
 
-class BliMSRGenerator(SRGenerator):
-    """BliMSR attention generator; the defaults give the full ~19.4M-parameter network."""
-
-    def __init__(self, scale: int = 4, n_groups: int = 8, n_blocks: int = 16, n_feats: int = 64,
-                 reduction: int = 4) -> None:
-        super().__init__(scale)
-        self.head = conv2d(1, n_feats, 3)
-        self.body = nn.Sequential(*[ResidualGroup(n_feats, n_blocks, reduction) for _ in range(n_groups)])
-        self.body_tail = conv2d(n_feats, n_feats, 1)
-        stages: list[nn.Module] = []
-        channels = 2 * n_feats  # deep features concatenated with the shallow ones
-        for _ in range(int(math.log2(self.scale))):
-            stages += [conv2d(channels, 4 * n_feats, 3), nn.PixelShuffle(2)]
-            channels = n_feats
-        self.upsampler = nn.Sequential(*stages)
-        self.tail = shrink_init_(conv2d(n_feats, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shallow = self.head(self.centered(x))
-        feat = torch.cat([self.body_tail(self.body(shallow)), shallow], dim=1)
-        return self.finish(bicubic_upsample(x, self.scale), self.tail(self.upsampler(feat)))
-
-
 class SNResidualBlock(nn.Module):
     """Spectral-normalised conv-LeakyReLU-conv with a parameter-free shortcut."""
 
@@ -169,3 +147,31 @@ class BliMSRDiscriminator(nn.Module):
         for block in self.blocks:
             x = block(self.act(x))
         return self.fc(torch.flatten(self.pool(self.act(x)), 1))
+
+
+@register_architecture(
+    "blimsr", seed="blimsr-blind-degradation-ct.md", discriminator=BliMSRDiscriminator, training_pairs="blind",
+    loss_recipe="blimsr",
+    description="BliMSR: multi-head-attention residual generator (~19M) and spectral-norm discriminator, trained "
+                "on blind degradations (Dey et al. 2023).")
+class BliMSRGenerator(SRGenerator):
+    """BliMSR attention generator; the defaults give the full ~19.4M-parameter network."""
+
+    def __init__(self, scale: int = 4, n_groups: int = 8, n_blocks: int = 16, n_feats: int = 64,
+                 reduction: int = 4) -> None:
+        super().__init__(scale)
+        self.head = conv2d(1, n_feats, 3)
+        self.body = nn.Sequential(*[ResidualGroup(n_feats, n_blocks, reduction) for _ in range(n_groups)])
+        self.body_tail = conv2d(n_feats, n_feats, 1)
+        stages: list[nn.Module] = []
+        channels = 2 * n_feats  # deep features concatenated with the shallow ones
+        for _ in range(int(math.log2(self.scale))):
+            stages += [conv2d(channels, 4 * n_feats, 3), nn.PixelShuffle(2)]
+            channels = n_feats
+        self.upsampler = nn.Sequential(*stages)
+        self.tail = shrink_init_(conv2d(n_feats, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shallow = self.head(self.centered(x))
+        feat = torch.cat([self.body_tail(self.body(shallow)), shallow], dim=1)
+        return self.finish(bicubic_upsample(x, self.scale), self.tail(self.upsampler(feat)))

@@ -28,28 +28,13 @@ touches); in eval mode they clamp to [0, 1] so inference honours the array contr
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-SUPPORTED_SCALES: tuple[int, ...] = (2, 4)
-
-
-def check_scale(scale: object, supported: tuple[int, ...] = SUPPORTED_SCALES) -> int:
-    """Return ``scale`` as an int, or raise ValueError naming the supported scales."""
-    names = ", ".join(str(s) for s in supported)
-    if isinstance(scale, bool):
-        raise ValueError(f"unsupported scale {scale!r}; supported scales: {names}")
-    try:
-        value = operator.index(scale)  # accepts numpy integers from YAML/pandas, rejects 2.0
-    except TypeError:
-        raise ValueError(f"unsupported scale {scale!r}; supported scales: {names}") from None
-    if value not in supported:
-        raise ValueError(f"unsupported scale {scale!r}; supported scales: {names}")
-    return value
+from medsr.scale import check_scale
 
 
 def bicubic_upsample(x: torch.Tensor, scale: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medsr.models.architectures import register_architecture
 from medsr.models.blocks import (ConvBlock, GlobalPoolClassifier, PixelShuffleUpsampler, ResidualBlock, SRGenerator,
                                  bicubic_resize, bicubic_upsample, check_scale, conv2d, shrink_init_)
 
@@ -73,6 +74,31 @@ def curriculum_stage(progress: float, target_scale: int) -> dict[str, float | in
     return {"scale": scale, "degradation_strength": strength}
 
 
+class BrainSRDiscriminator(nn.Module):
+    """Conditional discriminator: ``d(hr_or_sr, lr) -> (N, 1)`` logits."""
+
+    def __init__(self, features: Sequence[int] = DISCRIMINATOR_FEATURES, hidden: int = 1024) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        channels = 2  # the judged image and its bicubically upsampled LR condition
+        for idx, feat in enumerate(features):
+            blocks.append(ConvBlock(channels, feat, 3, stride=1 + idx % 2, batch_norm=idx > 0, act="leaky"))
+            channels = feat
+        self.features = nn.Sequential(*blocks)
+        self.classifier = GlobalPoolClassifier(channels, hidden)
+
+    def forward(self, hr_or_sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        if lr.ndim != 4 or hr_or_sr.ndim != 4 or lr.shape[0] != hr_or_sr.shape[0]:
+            raise ValueError(f"expected (N, 1, H, W) and (N, 1, h, w), got {tuple(hr_or_sr.shape)} and {tuple(lr.shape)}")
+        condition = bicubic_resize(lr, hr_or_sr.shape[-2:])
+        return self.classifier(self.features(torch.cat([hr_or_sr, condition], dim=1)))
+
+
+@register_architecture(
+    "brainsr", seed="brainsr-cgan-brain-mri.md", discriminator=BrainSRDiscriminator, conditional_discriminator=True,
+    loss_recipe="cgan", curriculum=curriculum_stage,
+    description="BrainSR: residual cGAN for brain MRI SR and denoising; discriminator conditioned on the LR input; "
+                "curriculum from x2/mild to target/strong.")
 class BrainSRGenerator(SRGenerator):
     """BrainSR generator with a shared trunk and one upsampling head per scale (2 and target)."""
 
@@ -98,23 +124,3 @@ class BrainSRGenerator(SRGenerator):
         feat = self.pre(self.centered(x))
         feat = feat + self.post(self.body(feat))
         return self.finish(bicubic_upsample(x, s), self.heads[str(s)](feat))
-
-
-class BrainSRDiscriminator(nn.Module):
-    """Conditional discriminator: ``d(hr_or_sr, lr) -> (N, 1)`` logits."""
-
-    def __init__(self, features: Sequence[int] = DISCRIMINATOR_FEATURES, hidden: int = 1024) -> None:
-        super().__init__()
-        blocks: list[nn.Module] = []
-        channels = 2  # the judged image and its bicubically upsampled LR condition
-        for idx, feat in enumerate(features):
-            blocks.append(ConvBlock(channels, feat, 3, stride=1 + idx % 2, batch_norm=idx > 0, act="leaky"))
-            channels = feat
-        self.features = nn.Sequential(*blocks)
-        self.classifier = GlobalPoolClassifier(channels, hidden)
-
-    def forward(self, hr_or_sr: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-        if lr.ndim != 4 or hr_or_sr.ndim != 4 or lr.shape[0] != hr_or_sr.shape[0]:
-            raise ValueError(f"expected (N, 1, H, W) and (N, 1, h, w), got {tuple(hr_or_sr.shape)} and {tuple(lr.shape)}")
-        condition = bicubic_resize(lr, hr_or_sr.shape[-2:])
-        return self.classifier(self.features(torch.cat([hr_or_sr, condition], dim=1)))

@@ -29,9 +29,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medsr.models.architectures import register_architecture
 from medsr.models.blocks import SRGenerator, bicubic_upsample, conv2d, shrink_init_
 
 
+@register_architecture(
+    "espcn", seed="espcn-brain-mri.md",
+    description="ESPCN: four LR-space convs and one sub-pixel shuffle (Shi et al. 2016); 62k parameters.")
 class ESPCN(SRGenerator):
     """ESPCN generator; output = bicubic(x) + PixelShuffle(conv stack(x - 0.5))."""
 

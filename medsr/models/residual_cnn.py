@@ -26,9 +26,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medsr.models.architectures import register_architecture
 from medsr.models.blocks import SRGenerator, bicubic_upsample, conv2d, shrink_init_
 
 
+@register_architecture(
+    "residual_cnn", seed="light-residual-cnn-ct.md", training_pairs="ssl",
+    description="Light residual CNN: bicubic plus a five-layer ReLU CNN residual, trained self-supervised "
+                "VLR->LR and applied LR->HR.")
 class ResidualCNN(SRGenerator):
     """``bicubic(x) + net(bicubic(x) - 0.5)`` with a five-layer ReLU CNN."""
 

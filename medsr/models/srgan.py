@@ -30,27 +30,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medsr.models.architectures import register_architecture
 from medsr.models.blocks import (ConvBlock, GlobalPoolClassifier, PixelShuffleUpsampler, ResidualBlock, SRGenerator,
                                  bicubic_upsample, make_conv, shrink_init_)
 
 DISCRIMINATOR_FEATURES: tuple[int, ...] = (64, 64, 128, 128, 256, 256, 512, 512)
-
-
-class SRResNet(SRGenerator):
-    """SRResNet generator; ``separable=True`` gives the Swift-SRGAN generator."""
-
-    def __init__(self, scale: int = 4, n_feats: int = 64, n_blocks: int = 16, separable: bool = False) -> None:
-        super().__init__(scale)
-        self.head = ConvBlock(1, n_feats, 9, batch_norm=False, act="prelu", separable=separable)
-        self.body = nn.Sequential(*[ResidualBlock(n_feats, separable=separable) for _ in range(n_blocks)])
-        self.body_tail = ConvBlock(n_feats, n_feats, 3, batch_norm=True, act=None, separable=separable)
-        self.upsampler = PixelShuffleUpsampler(n_feats, self.scale, separable=separable)
-        self.tail = shrink_init_(make_conv(n_feats, 1, 9, separable=separable))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feat = self.head(self.centered(x))
-        feat = feat + self.body_tail(self.body(feat))
-        return self.finish(bicubic_upsample(x, self.scale), self.tail(self.upsampler(feat)))
 
 
 class SRGANDiscriminator(nn.Module):
@@ -72,3 +56,23 @@ class SRGANDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+@register_architecture(
+    "srgan", seed="swift-srgan-chest-xray.md", discriminator=SRGANDiscriminator, loss_recipe="srgan",
+    description="SRGAN: SRResNet generator (16 BN residual blocks) and VGG-style discriminator (Ledig et al. 2017).")
+class SRResNet(SRGenerator):
+    """SRResNet generator; ``separable=True`` gives the Swift-SRGAN generator."""
+
+    def __init__(self, scale: int = 4, n_feats: int = 64, n_blocks: int = 16, separable: bool = False) -> None:
+        super().__init__(scale)
+        self.head = ConvBlock(1, n_feats, 9, batch_norm=False, act="prelu", separable=separable)
+        self.body = nn.Sequential(*[ResidualBlock(n_feats, separable=separable) for _ in range(n_blocks)])
+        self.body_tail = ConvBlock(n_feats, n_feats, 3, batch_norm=True, act=None, separable=separable)
+        self.upsampler = PixelShuffleUpsampler(n_feats, self.scale, separable=separable)
+        self.tail = shrink_init_(make_conv(n_feats, 1, 9, separable=separable))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.head(self.centered(x))
+        feat = feat + self.body_tail(self.body(feat))
+        return self.finish(bicubic_upsample(x, self.scale), self.tail(self.upsampler(feat)))

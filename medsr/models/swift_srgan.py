@@ -25,14 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from medsr.models.architectures import register_architecture
 from medsr.models.srgan import DISCRIMINATOR_FEATURES, SRGANDiscriminator, SRResNet
-
-
-class SwiftSRGANGenerator(SRResNet):
-    """Swift-SRGAN generator: SRResNet built from depthwise-separable convolutions."""
-
-    def __init__(self, scale: int = 4, n_feats: int = 64, n_blocks: int = 16) -> None:
-        super().__init__(scale, n_feats=n_feats, n_blocks=n_blocks, separable=True)
 
 
 class SwiftSRGANDiscriminator(SRGANDiscriminator):
@@ -41,3 +35,14 @@ class SwiftSRGANDiscriminator(SRGANDiscriminator):
     def __init__(self, in_channels: int = 1, features: Sequence[int] = DISCRIMINATOR_FEATURES,
                  hidden: int = 1024) -> None:
         super().__init__(in_channels, features=features, hidden=hidden, separable=True)
+
+
+@register_architecture(
+    "swift_srgan", seed="swift-srgan-chest-xray.md", discriminator=SwiftSRGANDiscriminator, loss_recipe="srgan",
+    description="Swift-SRGAN: SRGAN with depthwise-separable convolutions, ~0.2M-parameter generator "
+                "(Krishnan & Krishnan 2021).")
+class SwiftSRGANGenerator(SRResNet):
+    """Swift-SRGAN generator: SRResNet built from depthwise-separable convolutions."""
+
+    def __init__(self, scale: int = 4, n_feats: int = 64, n_blocks: int = 16) -> None:
+        super().__init__(scale, n_feats=n_feats, n_blocks=n_blocks, separable=True)

@@ -16,12 +16,15 @@ Expected layout of the ``train`` section (every key optional; defaults are the d
       profiles:
         smoke: {steps: 200, batch_size: 8, lr_patch: 24, val_every: 50, checkpoint_every: 50}
         full:  {steps: 20000, batch_size: 16, lr_patch: 48, val_every: 1000, checkpoint_every: 1000}
-      models:
-        srgan: {warmup_steps: 100, model_options: {n_blocks: 8}, discriminator_options: {}}
+      models:                  # the models DVC trains (dvc.yaml foreach) and their settings
+        espcn: {}
+        srgan: {warmup_steps: 100, model_options: {n_blocks: 8}, discriminator_options: {},
+                loss: {recipe: srgan, terms: {adversarial: {relativistic: true}, tv: {weight: 0}}}}
 
 Precedence: dataclass defaults < ``train`` top-level keys < ``profiles[profile]`` <
-``models[model]`` < ``profiles[profile].models[model]`` (a profile's budget for one model); nested dicts (``loss``, ``model_options``, ``discriminator_options``) are
-merged key by key. Unknown keys raise, so a typo never silently trains with a default.
+``models[model]`` < ``profiles[profile].models[model]`` (a profile's budget for one model); nested
+dicts (``loss``, ``model_options``, ``discriminator_options``) are merged key by key, and
+``loss.terms`` term by term. Unknown keys raise, so a typo never silently trains with a default.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _NESTED = ("loss", "model_options", "discriminator_options")
-LOSS_KEYS = frozenset({"recipe", "pixel", "adversarial", "weights"})
+# loss.recipe: a name in medsr.losses.RECIPES (default: the model's own); loss.terms: {term key:
+# its constructor arguments}, merged over the recipe's (medsr.losses.recipes.recipe_config).
+LOSS_KEYS = frozenset({"recipe", "terms"})
 
 
 @dataclass
@@ -53,7 +58,7 @@ class TrainConfig:
     lr_generator_adversarial: float | None = None
     warmup_steps: int = 0  # GAN models: pixel-loss-only steps before the adversarial phase
     adv_weight: float | None = None  # None: the loss recipe's own weight
-    loss: dict[str, Any] = field(default_factory=dict)  # recipe, pixel, adversarial, weights
+    loss: dict[str, Any] = field(default_factory=dict)  # recipe, terms (see LOSS_KEYS)
     # Learning-rate schedule of both networks, applied per phase (the pixel warm-up and the
     # adversarial phase each run their own course, as SRGAN's 1e-4 -> 1e-5 GAN phase does):
     # constant; step (x lr_gamma at each fraction of the phase in lr_milestones); cosine (from
@@ -118,9 +123,8 @@ class TrainConfig:
         unknown = set(self.loss) - LOSS_KEYS
         if unknown:
             raise ValueError(f"train.loss: unknown keys {sorted(unknown)}; known: {sorted(LOSS_KEYS)}")
-        if self.loss.get("adversarial", "vanilla") not in ("vanilla", "relativistic"):
-            raise ValueError("train.loss.adversarial must be vanilla or relativistic, "
-                             f"got {self.loss['adversarial']!r}")
+        if not isinstance(self.loss.get("terms", {}), dict):
+            raise ValueError(f"train.loss.terms must map term names to their arguments, got {self.loss['terms']!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,7 +157,12 @@ class TrainConfig:
         for layer in (train, profile_layer, models.get(model) or {}, profile_models.get(model) or {}, overrides):
             for key, value in layer.items():
                 if key in _NESTED and isinstance(value, dict):
-                    values[key] = {**values.get(key, {}), **value}
+                    merged = {**values.get(key, {}), **value}
+                    if key == "loss" and isinstance(value.get("terms"), dict):  # a layer changes one term's arguments
+                        earlier = values.get(key, {}).get("terms") or {}
+                        merged["terms"] = {t: {**(earlier.get(t) or {}), **(value["terms"][t] or {})}
+                                           for t in {**earlier, **value["terms"]}}
+                    values[key] = merged
                 else:
                     values[key] = value
         values.update(model=model, scale=int(scale), profile=chosen)

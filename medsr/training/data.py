@@ -18,7 +18,7 @@ the number of ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from medsr.data.pairs import PairSet
-
-# progress in [0, 1], target scale -> {"scale": int, "degradation_strength": float}
-Curriculum = Callable[[float, int], dict[str, Any]]
+from medsr.models.architectures import Curriculum
 
 
 def pair_set_path(pairs_root: str | Path, split: str, scale: int, kind: str) -> Path:

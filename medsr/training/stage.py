@@ -31,7 +31,6 @@ from medsr.stage_entry import METRICS_DIR, StageFailed
 log = logging.getLogger(__name__)
 
 MODELS_DIR = Path("models")
-TRAINED_MODELS: tuple[str, ...] = ("espcn", "srgan", "swift_srgan", "brainsr", "blimsr", "residual_cnn")
 INPUTS_NAME = "inputs.json"
 _LEGACY_MARKER = "config.sha256"  # a config-only digest: it cannot vouch for the data or the code
 _HASH_CHUNK = 1 << 20
@@ -75,15 +74,17 @@ def data_version(pairs_root: str | Path, scale: int) -> str:
 
 
 def code_files(model: str) -> set[Path]:
-    """The source that decides what training ``model`` computes: its architecture module (and
-    what that imports), the model registry, and the training loop (trainer, batches, losses,
-    validation metrics, checkpoints), but not the other models' files."""
+    """The source that decides what training ``model`` computes: the module that registers its
+    architecture (and what that imports), the model registry, and the training loop (trainer,
+    batches, losses, validation metrics, checkpoints), but not the other models' files."""
+    from medsr.models import model_spec
+
     models_dir = REPO_ROOT / "medsr" / "models"
     loop = {p for p in import_closure([REPO_ROOT / "medsr" / "training" / "trainer.py"], with_parents=False)
             if models_dir not in p.parents}
-    architecture = module_file(f"medsr.models.{model}")
+    architecture = module_file(model_spec(model).generator.__module__)
     own = import_closure([architecture], with_parents=False) if architecture else set(models_dir.glob("*.py"))
-    return loop | own | {models_dir / "__init__.py"}
+    return loop | own | {models_dir / "__init__.py", models_dir / "architectures.py"}
 
 
 @lru_cache(maxsize=None)
@@ -147,14 +148,16 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
     (:mod:`medsr.training.distributed`); rank 0 alone prepares the output folder, tracks the run in
     MLflow and writes the metrics, which this process then reads back.
     """
-    from medsr.models import MODEL_NAMES
+    from medsr.models import model_names
     from medsr.training import TrainConfig, distributed
     from medsr.training.tracked import train_tracked
     from medsr.training.trainer import train_generator
 
-    if model not in TRAINED_MODELS:
-        raise StageFailed(f"unknown model {model!r}: choose one of {', '.join(TRAINED_MODELS)}"
-                          + (" (bicubic is the untrained baseline)" if model in MODEL_NAMES else ""))
+    trained = model_names(trained=True)
+    if model not in trained:
+        baseline = model in model_names(trained=False)
+        raise StageFailed(f"unknown model {model!r}: choose one of {', '.join(trained)}"
+                          + (f" ({model} is an untrained baseline)" if baseline else ""))
     scales = [int(scale) for scale in section(params, "degrade.scales")]
     # As resolved for this model and profile (TrainConfig checks it is positive and divides the batch).
     first = TrainConfig.from_params(params, model, scales[0], profile=profile) if scales else None

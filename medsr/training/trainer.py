@@ -52,14 +52,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from medsr.data.pairs import PairSet
-from medsr.losses import (
-    RECIPES,
-    GeneratorLoss,
-    build_feature_loss,
-    discriminate_jointly,
-    discriminator_adversarial_loss,
-    recipe_for_model,
-)
+from medsr.losses import GeneratorLoss, discriminate_jointly, discriminator_adversarial_loss, recipe_config
 from medsr.metrics import psnr, ssim
 from medsr.models import build_discriminator, build_generator, model_spec
 from medsr.perceptual import PERCEPTUAL_METRIC, ms_gmsd
@@ -78,7 +71,7 @@ from medsr.training.checkpoint import (
 )
 from medsr.training import distributed
 from medsr.training.config import TrainConfig
-from medsr.training.data import FIDELITY_TRACK, Curriculum, PatchBatches, validation_tracks
+from medsr.training.data import FIDELITY_TRACK, PatchBatches, validation_tracks
 
 PHASE_PIXEL = "pixel"  # a plain model's only phase
 PHASE_WARMUP = "warmup"  # a GAN's pixel-loss pre-training
@@ -209,14 +202,6 @@ def predict_image(generator: nn.Module, lr: np.ndarray, device: str | torch.devi
     return sr[0].cpu().numpy()
 
 
-def _curriculum_for(model: str) -> Curriculum | None:
-    if model == "brainsr":
-        from medsr.models.brainsr import curriculum_stage
-
-        return curriculum_stage
-    return None
-
-
 def _set_requires_grad(module: nn.Module | None, flag: bool) -> None:
     if module is not None:
         for parameter in module.parameters():
@@ -256,25 +241,18 @@ class _Run:
         self.ema = (copy.deepcopy(self.generator).eval().requires_grad_(False)
                     if config.ema_decay is not None else None)
 
-        loss_options = config.loss
-        recipe_name = loss_options.get("recipe") or recipe_for_model(
-            config.model, adversarial=self.spec.adversarial,
-            conditional_discriminator=self.spec.conditional_discriminator)
-        if recipe_name not in RECIPES:
-            raise ValueError(f"train.loss.recipe {recipe_name!r} is unknown; known: {sorted(RECIPES)}")
-        recipe = RECIPES[recipe_name].with_overrides(pixel=loss_options.get("pixel"),
-                                                     weights=loss_options.get("weights"),
-                                                     adversarial_weight=config.adv_weight)
-        if recipe.adversarial and self.discriminator is None:
+        # The model's own recipe unless params pick another; params' term arguments merged over it.
+        recipe_name = config.loss.get("recipe") or self.spec.loss_recipe
+        overrides = {key: dict(arguments or {}) for key, arguments in (config.loss.get("terms") or {}).items()}
+        if config.adv_weight is not None:
+            overrides.setdefault("adversarial", {})["weight"] = config.adv_weight
+        # The feature term loads its VGG weights file (if any) only when its weight is positive.
+        self.loss = GeneratorLoss.from_config(recipe_config(recipe_name, overrides), name=recipe_name,
+                                              feature_weights=config.feature_weights).to(self.device)
+        if self.loss.adversarial and self.discriminator is None:
             raise ValueError(f"loss recipe {recipe_name!r} is adversarial but model {config.model!r} "
                              "has no discriminator")
-        # Perceptual weights are only loaded when a feature term will actually be computed.
-        uses_features = recipe.weights.get("feature", 0.0) > 0.0
-        perceptual = (build_feature_loss(config.feature_weights, criterion=recipe.perceptual_criterion)
-                      if uses_features else None)
-        relativistic = loss_options.get("adversarial") == "relativistic"
-        self.loss = GeneratorLoss(recipe, perceptual, relativistic=relativistic).to(self.device)
-        self.adversarial = self.discriminator is not None and recipe.adversarial
+        self.adversarial = self.discriminator is not None and self.loss.adversarial
 
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr_generator, betas=(0.9, 0.999))
         self.opt_d = (torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_discriminator, betas=(0.9, 0.999))
@@ -286,7 +264,7 @@ class _Run:
         self.g_train: nn.Module = self.generator
         self.d_train: nn.Module | None = self.discriminator
 
-        self.curriculum = _curriculum_for(config.model)
+        self.curriculum = self.spec.curriculum
         self.multi_scale = self.curriculum is not None
         self.val_sets: dict[str, PairSet] = {}
         self.val_indices: dict[str, list[int] | None] = {}
@@ -691,7 +669,7 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
         device=str(run.device),
         checkpoints={name: dict(record) for name, record in run.kept.items()},
         bicubic_val=run.bicubic_val,
-        extra={"recipe": run.loss.recipe.name, "amp": run.use_amp, "perceptual_metric": PERCEPTUAL_METRIC,
+        extra={"recipe": run.loss.name, "amp": run.use_amp, "perceptual_metric": PERCEPTUAL_METRIC,
                "fidelity_track": run.fidelity_track, "tracks": list(run.val_sets),
                "val_images": {t: len(i) if i is not None else len(run.val_sets[t]) for t, i in run.val_indices.items()},
                "ema_decay": config.ema_decay, "lr_schedule": config.lr_schedule},
