@@ -29,7 +29,7 @@ from medsr.data import check_contract
 class PairItem:
     id: str
     modality: str
-    hr: np.ndarray  # (1, H, W) float32
+    hr: np.ndarray  # (1, H, W) float32 (None only on its way from a pool worker: pairing._make_pair_without_hr)
     lr: np.ndarray  # (1, H/scale, W/scale) float32
     degradation: dict[str, float] | None = None  # the blur/noise this pair's LR was made with, when drawn
 
