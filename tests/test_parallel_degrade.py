@@ -58,3 +58,70 @@ def test_bad_worker_count_is_refused(images, tmp_path: Path) -> None:
     interim, table, params = images
     with pytest.raises(ValueError, match="degrade.workers"):
         build_pair_sets(table, interim, tmp_path / "x", params, workers=0)
+
+
+def test_every_set_stores_the_hr_its_lr_was_made_from_once_per_split_and_scale(images, tmp_path: Path) -> None:
+    from medsr.data.pairing import PairSource, make_pair
+    from medsr.data.pairs import PairSet
+
+    interim, table, params = images
+    build_pair_sets(table, interim, tmp_path / "pairs", params, workers=2)
+    sources = {r.id: PairSource(r.id, r.modality, r.array) for r in table.itertuples()}
+    for split in ("train", "val", "test"):
+        for scale in params["scales"]:
+            sets = {p.name: p for p in (tmp_path / "pairs" / split / f"x{scale}").iterdir()}
+            assert {"standard", "blind"} <= set(sets)
+            owner = (sets["standard"] / "hr.npy").stat()
+            for kind, folder in sets.items():
+                pairs = PairSet(folder)
+                if kind == "ssl":
+                    continue
+                # the HR a reader gets is the one make_pair degraded into that LR, in every kind
+                for i, pair in enumerate(pairs.pairs):
+                    made = make_pair(sources[pair["id"]], interim_dir=interim, scale=scale, kind=kind, params=params)
+                    np.testing.assert_array_equal(pairs.hr(i), made.hr)
+                    np.testing.assert_array_equal(pairs.lr(i), made.lr)
+                # ... and it is on disk once per split and scale
+                assert (folder / "hr.npy").stat().st_ino == owner.st_ino
+
+
+def test_streamed_sets_hold_the_bytes_np_save_writes(tmp_path: Path) -> None:
+    from medsr.data.pairs import PairItem, write_pairs
+
+    rng = np.random.default_rng(3)
+    items = [PairItem(f"ct-{i}", "ct", hr=rng.random((1, 8 * (i + 1), 12), dtype=np.float32),
+                      lr=rng.random((1, 4 * (i + 1), 6), dtype=np.float32)) for i in range(3)]
+    write_pairs(tmp_path / "set", iter(items), 2)
+    for side in ("hr", "lr"):
+        expected = tmp_path / f"{side}-expected.npy"
+        np.save(expected, np.concatenate([getattr(i, side).ravel() for i in items]))
+        assert (tmp_path / "set" / f"{side}.npy").read_bytes() == expected.read_bytes()
+
+
+def test_a_set_that_shares_hr_must_hold_the_same_images(tmp_path: Path) -> None:
+    from medsr.data.pairs import PairItem, write_pairs
+
+    hr = np.zeros((1, 8, 8), np.float32)
+    lr = np.zeros((1, 4, 4), np.float32)
+    write_pairs(tmp_path / "first", [PairItem("a", "ct", hr, lr), PairItem("b", "ct", hr, lr)], 2)
+    with pytest.raises(ValueError, match="not pair 1"):
+        write_pairs(tmp_path / "second", [PairItem("a", "ct", None, lr), PairItem("c", "ct", None, lr)], 2,
+                    hr_like=tmp_path / "first")
+    with pytest.raises(ValueError, match="has 2 HR images"):
+        write_pairs(tmp_path / "third", [PairItem("a", "ct", None, lr)], 2, hr_like=tmp_path / "first")
+    assert not (tmp_path / "second").exists() and not (tmp_path / "third").exists()
+
+
+def test_one_worker_degrades_on_one_torch_thread_and_gives_the_threads_back() -> None:
+    import torch
+
+    from medsr.data.pairing import parallel_mapper
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with parallel_mapper(1) as mapper:
+            assert mapper is map and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -17,16 +17,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-from tqdm.auto import tqdm
 
 from medsr import degradations as deg
 from medsr.data import parallel
 from medsr.data.pairs import PairItem, write_pairs
-from medsr.data.split import SPLITS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PAIR_KINDS: tuple[str, ...] = ("standard", "blind", "ssl")
 # Evaluation tracks, written for val and test only: what a model is judged on.
@@ -125,8 +125,9 @@ Mapper = Callable[[Callable[[PairSource], PairItem], list[PairSource]], Iterable
 def _make_pair_without_hr(source: PairSource, *, interim_dir: Path, scale: int, kind: str,
                           params: Mapping[str, Any]) -> PairItem:
     """:func:`make_pair` as a worker returns it: without the HR image when that is the plain crop
-    of the stored image (every kind but ``ssl``), which the writing process reads itself. The HR is
-    ~94% of a x4 pair's bytes, and sending it back through the pool's pipe kept 2 workers at 1.2x."""
+    of the stored image (every kind but ``ssl``), which the writing process reads itself or shares
+    with an earlier set. The HR is ~94% of a x4 pair's bytes: sending it back through the pool's
+    pipe kept 2 workers at 1.2x."""
     item = make_pair(source, interim_dir=interim_dir, scale=scale, kind=kind, params=params)
     return item if kind == "ssl" else replace(item, hr=None)
 
@@ -139,15 +140,18 @@ def _with_hr(item: PairItem, source: PairSource, interim_dir: Path, scale: int) 
 
 
 def _pairs(rows: pd.DataFrame, interim_dir: Path, scale: int, kind: str, params: Mapping[str, Any],
-           mapper: Mapper = map) -> Iterable[PairItem]:
+           mapper: Mapper = map, *, with_hr: bool = True) -> Iterable[PairItem]:
     """The pairs of one set in row order. Calling it submits the work (a pool's map is eager); the
-    pairs are produced as the returned iterable is consumed."""
+    pairs are produced as the returned iterable is consumed. ``with_hr=False``: a pool's pairs of
+    kinds other than ``ssl`` come without HR (the writer shares an earlier set's)."""
     sources = [PairSource(str(r.id), str(r.modality), str(r.array)) for r in rows.itertuples()]
     if mapper is map:  # in-process: nothing to send, and builtin map stays lazy
         return map(partial(make_pair, interim_dir=Path(interim_dir), scale=scale, kind=kind, params=dict(params)),
                    sources)
     results = mapper(partial(_make_pair_without_hr, interim_dir=Path(interim_dir), scale=scale, kind=kind,
                              params=dict(params)), sources)
+    if not with_hr:
+        return results
     return (_with_hr(item, source, Path(interim_dir), scale) for item, source in zip(results, sources))
 
 
@@ -164,8 +168,20 @@ def parallel_mapper(workers: int = 1, dask_address: str | None = None) -> Iterat
     Every pair is a pure function of its image and seed keys and results come back in input order,
     so the pair sets are byte-identical whatever runs them (tests/test_parallel_degrade.py).
     """
-    with parallel.parallel_mapper(workers, dask_address, initializer=_one_torch_thread) as mapper:
-        yield mapper
+    if workers > 1 or dask_address:
+        with parallel.parallel_mapper(workers, dask_address, initializer=_one_torch_thread) as mapper:
+            yield mapper
+        return
+    import torch
+
+    # One worker means one core here too: torch's intra-op threads on these small images spend more
+    # CPU spinning than they save (measured in benchmarks/bench_data.py), and more so on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield map
+    finally:
+        torch.set_num_threads(threads)
 
 
 def kinds_for(split: str, params: Mapping[str, Any]) -> list[str]:
@@ -182,6 +198,11 @@ def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, para
     set in parallel, or the Dask cluster at ``dask_address`` (default ``degrade.dask_scheduler``)
     does; the bytes written are the same either way.
     """
+    # Imported here: every pool worker imports this module, and pandas and tqdm cost each ~0.3 s of start-up.
+    from tqdm.auto import tqdm
+
+    from medsr.data.split import SPLITS
+
     unknown = set(params.get("tracks", TRACKS)) - set(TRACKS)
     if unknown:
         raise ValueError(f"degrade.tracks: unknown track(s) {sorted(unknown)}; known: {', '.join(TRACKS)}")
@@ -191,12 +212,21 @@ def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, para
     dask_address = dask_address or params.get("dask_scheduler") or None
     counts: dict[str, Any] = {}
     jobs = [(split, int(scale), kind) for split in SPLITS for scale in params["scales"] for kind in kinds_for(split, params)]
-    def submit(job: tuple[str, int, str]) -> tuple[tuple[str, int, str], Iterable[PairItem]]:
-        split, scale, kind = job
-        rows = table[table["split"] == split].sort_values("id")
-        return job, _pairs(rows, interim_dir, scale, kind, params, mapper)
+    # Every kind but ssl pairs its LR with the same HR (make_pair: the stored image cropped to a
+    # multiple of the scale), so a split and scale's HR is written once and the other sets link it.
+    hr_owner = {(split, scale): out_root / split / f"x{scale}" / kind
+                for split, scale, kind in reversed(jobs) if kind != "ssl"}
+
+    def hr_like(split: str, scale: int, kind: str) -> Path | None:
+        owner = hr_owner.get((split, scale))
+        return None if kind == "ssl" or owner == out_root / split / f"x{scale}" / kind else owner
 
     with parallel_mapper(workers, dask_address) as mapper:
+        def submit(job: tuple[str, int, str]) -> tuple[tuple[str, int, str], Iterable[PairItem]]:
+            split, scale, kind = job
+            rows = table[table["split"] == split].sort_values("id")
+            return job, _pairs(rows, interim_dir, scale, kind, params, mapper, with_hr=hr_like(*job) is None)
+
         # One set ahead: the workers degrade the next set while this process writes the current one
         # (memory: two sets' results at most). Sets are still written one by one, in job order.
         pending = submit(jobs[0]) if jobs else None
@@ -205,6 +235,6 @@ def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, para
             (split, scale, kind), items = pending
             pending = submit(jobs[index + 1]) if index + 1 < len(jobs) else None
             attrs = {"split": split, "kind": kind, "seed": int(params["seed"])}
-            n = write_pairs(out_root / split / f"x{scale}" / kind, items, scale, attrs)
+            n = write_pairs(out_root / split / f"x{scale}" / kind, items, scale, attrs, hr_like=hr_like(split, scale, kind))
             counts.setdefault(split, {}).setdefault(f"x{scale}", {})[kind] = n
     return counts

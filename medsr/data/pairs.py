@@ -13,7 +13,10 @@ For the self-supervised set (kind ``ssl``) "hr" holds the LR image and "lr" the 
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,38 +32,101 @@ from medsr.data import check_contract
 class PairItem:
     id: str
     modality: str
-    hr: np.ndarray  # (1, H, W) float32 (None only on its way from a pool worker: pairing._make_pair_without_hr)
+    hr: np.ndarray  # (1, H, W) float32; None on its way from a pool worker (pairing._make_pair_without_hr)
+    #                 and where write_pairs shares an earlier set's HR (hr_like)
     lr: np.ndarray  # (1, H/scale, W/scale) float32
     degradation: dict[str, float] | None = None  # the blur/noise this pair's LR was made with, when drawn
 
 
-def write_pairs(folder: str | Path, items: Iterable[PairItem], scale: int, attrs: dict[str, Any] | None = None) -> int:
-    """Write a pair set atomically; returns the number of pairs written."""
-    items = list(items)
+def _npy_header(length: int) -> bytes:
+    """The header ``np.save`` writes for a flat float32 array of ``length`` values."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                   "fortran_order": False, "shape": (int(length),)})
+    return buffer.getvalue()
+
+
+class _FlatArrayFile:
+    """A flat float32 ``.npy`` written one image at a time: the same bytes as ``np.save`` of their
+    concatenation, without holding the set in memory or copying it once more. The header is written
+    again at the end with the final length; numpy pads it for growth, so its size does not change."""
+
+    def __init__(self, path: Path) -> None:
+        self.length = 0
+        self._file = path.open("wb")
+        self._file.write(_npy_header(0))
+
+    def append(self, pixels: np.ndarray) -> int:
+        """Write ``pixels`` (float32, any layout: written in C order); returns its offset."""
+        offset = self.length
+        pixels.tofile(self._file)
+        self.length += pixels.size
+        return offset
+
+    def close(self) -> None:
+        header = _npy_header(self.length)
+        if len(header) != len(_npy_header(0)):  # numpy's growth padding makes this unreachable in practice
+            raise RuntimeError(f"{self._file.name}: npy header grew from {len(_npy_header(0))} to {len(header)} bytes")
+        self._file.seek(0)
+        self._file.write(header)
+        self._file.close()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links (some network shares)
+        shutil.copyfile(source, target)
+
+
+def write_pairs(folder: str | Path, items: Iterable[PairItem], scale: int, attrs: dict[str, Any] | None = None, *,
+                hr_like: str | Path | None = None) -> int:
+    """Write a pair set atomically; returns the number of pairs written.
+
+    Pairs are written as they arrive, so a parallel producer's next pairs are computed while this
+    one's are on their way to disk, and memory holds one pair rather than the set.
+
+    ``hr_like``: a pair set written before with the same HR images in the same order (another kind
+    of the same split and scale). Its ``hr.npy`` is hard-linked (copied where links are not
+    supported) instead of written again, the items' ``hr`` is not read (it may be None), and each
+    item must have that set's id and an LR that fits its HR.
+    """
+    shared = PairSet(hr_like).pairs if hr_like is not None else None
     index: list[dict[str, Any]] = []
-    hr_off = lr_off = 0
-    for item in items:
-        check_contract(item.hr, f"{item.id} (HR)")
-        check_contract(item.lr, f"{item.id} (LR)")
-        h, w = item.hr.shape[-2:]
-        lh, lw = item.lr.shape[-2:]
-        if (lh * scale, lw * scale) != (h, w):
-            raise ValueError(f"{item.id}: LR {lh}x{lw} times scale {scale} is not HR {h}x{w}")
-        entry = {"id": item.id, "modality": item.modality, "hr_offset": hr_off, "hr_shape": [h, w],
-                 "lr_offset": lr_off, "lr_shape": [lh, lw]}
-        if item.degradation is not None:
-            entry["degradation"] = {k: round(float(v), 6) for k, v in item.degradation.items()}
-        index.append(entry)
-        hr_off += h * w
-        lr_off += lh * lw
-    hr_flat = np.concatenate([i.hr.ravel() for i in items]) if items else np.zeros(0, np.float32)
-    lr_flat = np.concatenate([i.lr.ravel() for i in items]) if items else np.zeros(0, np.float32)
     with atomic_dir(folder) as tmp:
-        np.save(tmp / "hr.npy", hr_flat.astype(np.float32, copy=False), allow_pickle=False)
-        np.save(tmp / "lr.npy", lr_flat.astype(np.float32, copy=False), allow_pickle=False)
-        meta = {"scale": scale, "count": len(items), "attrs": attrs or {}, "pairs": index}
+        hr_file = _FlatArrayFile(tmp / "hr.npy") if shared is None else None
+        lr_file = _FlatArrayFile(tmp / "lr.npy")
+        try:
+            for item in items:
+                check_contract(item.lr, f"{item.id} (LR)")
+                lh, lw = item.lr.shape[-2:]
+                if shared is None:
+                    check_contract(item.hr, f"{item.id} (HR)")
+                    h, w = item.hr.shape[-2:]
+                    hr_offset = hr_file.append(item.hr)
+                else:
+                    if len(index) >= len(shared) or shared[len(index)]["id"] != item.id:
+                        raise ValueError(f"{item.id}: not pair {len(index)} of {hr_like}, whose HR images it should share")
+                    h, w = shared[len(index)]["hr_shape"]
+                    hr_offset = shared[len(index)]["hr_offset"]
+                if (lh * scale, lw * scale) != (h, w):
+                    raise ValueError(f"{item.id}: LR {lh}x{lw} times scale {scale} is not HR {h}x{w}")
+                entry = {"id": item.id, "modality": item.modality, "hr_offset": hr_offset,
+                         "hr_shape": [h, w], "lr_offset": lr_file.append(item.lr), "lr_shape": [lh, lw]}
+                if item.degradation is not None:
+                    entry["degradation"] = {k: round(float(v), 6) for k, v in item.degradation.items()}
+                index.append(entry)
+        finally:
+            if hr_file is not None:
+                hr_file.close()
+            lr_file.close()
+        if shared is not None:
+            if len(index) != len(shared):
+                raise ValueError(f"{folder}: {len(index)} pairs, but {hr_like} has {len(shared)} HR images to share")
+            _link_or_copy(Path(hr_like) / "hr.npy", tmp / "hr.npy")
+        meta = {"scale": scale, "count": len(index), "attrs": attrs or {}, "pairs": index}
         (tmp / "index.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    return len(items)
+    return len(index)
 
 
 class PairSet:
