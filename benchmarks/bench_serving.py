@@ -222,7 +222,7 @@ def main() -> None:
         **summary(levels),
         ("without_refine" if refine_on else "with_refine"): {**summary(flipped), "levels": flipped},
         "levels": levels,
-        "settings": {key: config.serving[key] for key in ("threads", "torch_threads", "max_in_flight", "png_level",
+        "settings": {key: config.serving[key] for key in ("threads", "torch_threads", "max_in_flight", "shed_seconds", "png_level",
                                                           "refine", "tile", "tile_batch")},
         "consistency_step": config.consistency,
         "request": {"endpoint": "/upscale", "file": "16-bit PNG 256x256", "scale": SCALE, "output": "16-bit PNG 1024x1024",

@@ -9,10 +9,14 @@ Starlette's plain text) into the one format, and counts responses by the status 
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextvars
 import json
 import logging
+import math
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -243,19 +247,72 @@ class GatewayMiddleware:
       routes get 400/415 with the fix; multipart part headers are screened (:class:`MultipartScreen`);
     * /upscale_array requests whose results would exceed ``max_array_output_pixels`` get 413
       before any work (the response, not only the request, is bounded);
-    * file requests (/upscale, /demo) beyond ``max_in_flight`` at once get 429 with
-      ``Retry-After`` at once, instead of a queue whose wait grows with every client: latency
-      stays bounded by ``max_in_flight / threads`` request times under any load;
+    * file requests (/upscale, /demo): at most ``computing`` (the worker's threads) reach the
+      service at once; up to ``max_in_flight - computing`` more wait here in arrival order, which
+      absorbs a few clients; beyond that they get 429 with ``Retry-After`` at once, instead of a
+      queue whose wait grows with every client. Once the queue has overflowed (a 429 was sent)
+      the worker is overloaded: for ``shed_seconds`` after the last 429 it queues nothing (the
+      waiting requests get their 429 then), since a queue that cannot drain only adds request
+      times to every answer: the answered ones come back in about one request time;
     * every error response (status >= 400) is rewritten into :func:`error_body`'s format, and
       every response is counted in ``medsr_requests_total`` by the status actually sent.
     """
 
-    def __init__(self, app: Any, max_upload_bytes: int, max_array_output_pixels: int, max_in_flight: int) -> None:
+    def __init__(self, app: Any, max_upload_bytes: int, max_array_output_pixels: int, max_in_flight: int,
+                 computing: int = 0, shed_seconds: float = 0.0) -> None:
         self.app = app
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_array_output_pixels = int(max_array_output_pixels)
         self.max_in_flight = int(max_in_flight)
-        self.in_flight = 0  # file requests admitted and not yet answered (one event loop: no lock)
+        self.computing = min(int(computing), self.max_in_flight) if int(computing) > 0 else self.max_in_flight
+        self.shed_seconds = float(shed_seconds)
+        self.last_refusal = -math.inf
+        # One event loop runs all of this: no locks. Waiters get True (go on) or False (refused).
+        self.running = 0
+        self.waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
+
+    @property
+    def in_flight(self) -> int:
+        """File requests admitted and not yet answered: computing or waiting."""
+        return self.running + len(self.waiting)
+
+    def overloaded(self, now: float) -> bool:
+        return now - self.last_refusal < self.shed_seconds
+
+    async def admit(self) -> bool:
+        """Wait for a turn to compute; False: refused (the caller answers 429)."""
+        if self.max_in_flight <= 0:
+            self.running += 1
+            return True
+        now = time.monotonic()
+        if not self.waiting and self.running < self.computing:
+            self.running += 1
+            return True
+        if self.overloaded(now) or self.in_flight >= self.max_in_flight:
+            self.last_refusal = now
+            while self.waiting:  # overloaded: the queue will not drain in time, refuse it now
+                waiter = self.waiting.popleft()
+                if not waiter.done():
+                    waiter.set_result(False)
+            return False
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.waiting.append(waiter)
+        try:
+            return await waiter  # release() hands over the slot (running already counts us)
+        except asyncio.CancelledError:  # the client went away while waiting
+            if waiter in self.waiting:
+                self.waiting.remove(waiter)
+            elif waiter.done() and not waiter.cancelled() and waiter.result():
+                self.release()  # the slot came as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        self.running -= 1
+        while self.waiting and self.running < self.computing:
+            waiter = self.waiting.popleft()
+            if not waiter.done():
+                self.running += 1
+                waiter.set_result(True)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -273,13 +330,12 @@ class GatewayMiddleware:
             state: dict[str, Any] = {}
             admitted = False
             if method == "POST" and path in MULTIPART_ROUTES:
-                if self.max_in_flight > 0 and self.in_flight >= self.max_in_flight:
-                    await self._reject(send, (429, f"busy: {self.in_flight} requests are being computed, the "
-                                              f"most this worker queues (serving.max_in_flight)",
+                if not await self.admit():
+                    await self._reject(send, (429, f"busy: {self.in_flight} requests are being computed or wait, "
+                                              f"the most this worker admits now (serving.max_in_flight)",
                                               "retry after the Retry-After seconds, or add workers"),
                                        request_id, path, endpoint, retry_after=1)
                     return
-                self.in_flight += 1
                 admitted = True
             try:
                 if method == "POST" and path in MULTIPART_ROUTES | JSON_ROUTES:
@@ -290,7 +346,7 @@ class GatewayMiddleware:
                 await self._forward(scope, receive, send, request_id, endpoint, state)
             finally:
                 if admitted:
-                    self.in_flight -= 1
+                    self.release()
         finally:
             REQUEST_ID.reset(token)
 

@@ -271,8 +271,11 @@ class FileResult:
 def upscale_file(path: Path, generator: LoadedGenerator, *, max_output_pixels: int, tiling: Tiling,
                  device: Any, blur_sigma: float, modality: str | None = None, frame: int | None = None,
                  name_hint: str = "", png_level: int = 1, refine: Refiner | None = None,
-                 timer: PhaseTimer | None = None) -> FileResult:
+                 timer: PhaseTimer | None = None, before_compute: Callable[[], None] | None = None) -> FileResult:
     """Read an upload, super-resolve it with ``generator``, and write it back in its own format.
+
+    ``before_compute`` runs on the computing thread before the network, the refinement and the
+    score (the service sets that thread's torch threads: :mod:`serving.threads`).
 
     Raises:
         InputError: for anything wrong with the upload.
@@ -289,15 +292,19 @@ def upscale_file(path: Path, generator: LoadedGenerator, *, max_output_pixels: i
         raise InputError("too_large", f"image too large: the output would have {total} pixels "
                          f"({describe_size(total)}), over serving.max_output_pixels = {max_output_pixels}",
                          "crop or downsample the image, use a smaller scale, or raise serving.max_output_pixels")
+    prepare = before_compute or (lambda: None)
     results = []
     for image in chosen:
+        prepare()
         result = upscale_image(generator.module, image.pixels, scale, tiling=tiling, device=device, timer=timer)
         if refine is not None:
+            prepare()
             with timer.phase("refine"):
                 result = refine(result, image.pixels, scale)
         results.append(result)
 
     def score() -> list[float]:
+        prepare()
         with timer.phase("consistency"):
             return [consistency_psnr(result, image.pixels, scale, blur_sigma) for image, result in zip(chosen, results,
                                                                                                      strict=True)]

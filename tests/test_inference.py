@@ -339,3 +339,15 @@ def test_raster_formats_keep_format_and_depth(tmp_path: Path, bicubic_x4: Loaded
     blocks = values.reshape(40, 4, 30, 4).mean(axis=(1, 3))
     tolerance = 0.03 * float(np.iinfo(array.dtype).max)
     assert np.abs(blocks - array)[2:-2, 2:-2].max() < tolerance
+
+
+@pytest.mark.parametrize("shape", [(1, 96, 80), (1, 5, 7), (1, 2, 9), (1, 1, 1)])
+def test_the_served_score_blurs_exactly_as_the_degradation_does(shape: tuple[int, int, int]) -> None:
+    """The consistency score's fast blur is scipy's (the pairs'): same taps, same edge rule."""
+    from medsr.inference import _gaussian_blur_fast
+
+    image = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    for sigma in (0.0, 0.6, 1.1, 2.0):
+        fast = _gaussian_blur_fast(image, sigma)
+        assert fast.dtype == np.float32 and fast.shape == image.shape
+        np.testing.assert_allclose(fast, gaussian_blur(image, sigma), rtol=0, atol=1e-6)
