@@ -43,6 +43,7 @@ bench: venv
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_models.py
 	$(PY) benchmarks/bench_serving.py
+	$(PY) benchmarks/bench_inference_paths.py
 	$(PY) benchmarks/bench_orchestration.py
 
 # Serves the registry's champion (run `make run` first) on 127.0.0.1:3000.
