@@ -11,6 +11,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,33 @@ def main() -> None:
     print(out.read_text())
 
 
+def best_of_alternating(run: Callable[[int, Path], object], scratch: Path, prefix: str,
+                        repeats: int) -> tuple[dict[int, tuple[float, float]], bool, object]:
+    """``run(workers, folder)`` at 1, 2, 1, 2 ... workers, ``repeats`` times each, so a burst of load
+    from other jobs does not land on one side only. Returns the best (seconds, CPU seconds of this
+    process and its workers) per worker count, whether every run wrote the same files and bytes,
+    and the last run's return value."""
+    import hashlib
+    import resource
+
+    def cpu() -> float:
+        own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+
+    digests, best, result = set(), {}, None
+    for _ in range(repeats):
+        for workers in (1, 2):
+            folder = scratch / f"{prefix}-{workers}"
+            start, cpu_start = time.perf_counter(), cpu()
+            result = run(workers, folder)
+            seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
+            digests.add(tuple((p.relative_to(folder).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest())
+                              for p in sorted(folder.rglob("*")) if p.is_file()))
+            if workers not in best or seconds < best[workers][0]:
+                best[workers] = (seconds, cpu_seconds)
+    return best, len(digests) == 1, result
+
+
 def parallel_degrade(cfg: dict, scratch: Path, n_images: int = 2000, side: int = 256, repeats: int = 2) -> dict:
     """Degrade throughput of build_pair_sets at 1 and 2 worker processes on the same synthetic images.
 
@@ -101,17 +129,10 @@ def parallel_degrade(cfg: dict, scratch: Path, n_images: int = 2000, side: int =
     takes to answer (each imports torch), a fixed cost inside the 2-worker time: 2,000 images keep it
     near a tenth of the run, where a user's data set makes it vanish.
     """
-    import hashlib
-    import resource
-
     import pandas as pd
     from scipy.ndimage import gaussian_filter
 
     from medsr.data.pairing import build_pair_sets, parallel_mapper
-
-    def cpu() -> float:
-        own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
 
     start = time.perf_counter()
     with parallel_mapper(2) as mapper:
@@ -128,24 +149,15 @@ def parallel_degrade(cfg: dict, scratch: Path, n_images: int = 2000, side: int =
     params = {**cfg, "scales": [4], "ssl": False, "blind": cfg["blind"]}
     out: dict = {"images": n_images, "side": side, "scale": 4, "kinds": ["standard", "blind", "clean", "realistic"],
                  "repeats": repeats, "load_average_before": [round(x, 2) for x in os.getloadavg()]}
-    digests, best = set(), {}
-    for _ in range(repeats):
-        for workers in (1, 2):
-            folder = scratch / f"pairs-{workers}"
-            start, cpu_start = time.perf_counter(), cpu()
-            build_pair_sets(table, scratch, folder, params, workers=workers)
-            seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
-            digests.add(tuple(sorted((p.relative_to(folder).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest())
-                                     for p in folder.rglob("*") if p.is_file())))
-            if workers not in best or seconds < best[workers][0]:
-                best[workers] = (seconds, cpu_seconds)
+    best, identical, _ = best_of_alternating(
+        lambda workers, folder: build_pair_sets(table, scratch, folder, params, workers=workers), scratch, "pairs", repeats)
     for workers, (seconds, cpu_seconds) in best.items():
         out[f"workers_{workers}"] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
                                      "pairs_per_s": round(4 * n_images / seconds, 1)}
     out["worker_start_seconds"] = round(worker_start, 2)
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     out["speedup_2_workers"] = round(out["workers_1"]["seconds"] / out["workers_2"]["seconds"], 2)
-    out["identical_bytes"] = len(digests) == 1
+    out["identical_bytes"] = identical
     return out
 
 
@@ -158,17 +170,10 @@ def parallel_ingest(data: dict, scratch: Path, n_files: int = 1200, side: int = 
     process and its workers) shows how much of a shortfall is the parallel path's own work rather
     than cores taken by others. Checks that every run wrote the same bytes.
     """
-    import hashlib
-    import resource
-
     from PIL import Image
     from scipy.ndimage import gaussian_filter
 
     from medsr.data.ingest import IngestOptions, ingest
-
-    def cpu() -> float:
-        own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
 
     raw = scratch / "raw"
     (raw / "xray").mkdir(parents=True, exist_ok=True)
@@ -183,17 +188,9 @@ def parallel_ingest(data: dict, scratch: Path, n_files: int = 1200, side: int = 
     options = IngestOptions.from_params(data)
     out: dict = {"files": n_files, "side": side, "tile_size": options.tile_size, "format": "16-bit PNG",
                  "repeats": repeats, "load_average_before": [round(x, 2) for x in os.getloadavg()]}
-    digests, best = set(), {}
-    for _ in range(repeats):
-        for workers in (1, 2):
-            folder = scratch / f"interim-{workers}"
-            start, cpu_start = time.perf_counter(), cpu()
-            table = ingest(raw, folder, options, {"xray": "local"}, workers=workers)
-            seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
-            digests.add(tuple((p.relative_to(folder).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest())
-                                 for p in sorted(folder.rglob("*")) if p.is_file()))
-            if workers not in best or seconds < best[workers][0]:
-                best[workers] = (seconds, cpu_seconds)
+    best, identical, table = best_of_alternating(
+        lambda workers, folder: ingest(raw, folder, options, {"xray": "local"}, workers=workers), scratch, "interim",
+        repeats)
     for workers, (seconds, cpu_seconds) in best.items():
         out[f"workers_{workers}"] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
                                      "files_per_s": round(n_files / seconds, 1),
@@ -201,8 +198,9 @@ def parallel_ingest(data: dict, scratch: Path, n_files: int = 1200, side: int = 
     out["tiles"] = int(len(table))
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     out["speedup_2_workers"] = round(out["workers_1"]["seconds"] / out["workers_2"]["seconds"], 2)
-    out["identical_bytes"] = len(digests) == 1
+    out["identical_bytes"] = identical
     return out
+
 
 if __name__ == "__main__":
     main()

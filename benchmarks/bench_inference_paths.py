@@ -13,7 +13,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,14 +20,9 @@ SIDE, SCALE, REPEATS = 256, 4, 5
 
 
 def median_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
-    with torch.inference_mode():
-        model(x)
-        times = []
-        for _ in range(REPEATS):
-            started = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - started)
-    return float(np.median(times) * 1000)
+    from medsr.inference import median_forward_seconds
+
+    return median_forward_seconds(model, x, REPEATS) * 1000
 
 
 def main() -> None:

@@ -179,21 +179,29 @@ def _bicubic_upsample(image: np.ndarray, scale: int) -> np.ndarray:
     pad = max(max(-first for first, _ in phases), max(first + 3 for first, _ in phases), 0)
     padded = np.pad(np.asarray(image, dtype=np.float32), pad, mode="edge")
     rows = np.empty((height + 2 * pad, width, scale), dtype=np.float32)
-    for phase, (first, weights) in enumerate(phases):
-        start = pad + first
-        acc = padded[:, start:start + width] * np.float32(weights[0])
-        for tap in range(1, 4):
-            acc += padded[:, start + tap:start + tap + width] * np.float32(weights[tap])
-        rows[:, :, phase] = acc
+    _phase_sums(padded, 1, width, phases, pad, [rows[:, :, phase] for phase in range(scale)])  # along W
     rows = rows.reshape(height + 2 * pad, width * scale)
     out = np.empty((height, scale, width * scale), dtype=np.float32)
-    for phase, (first, weights) in enumerate(phases):
-        start = pad + first
-        acc = rows[start:start + height] * np.float32(weights[0])
-        for tap in range(1, 4):
-            acc += rows[start + tap:start + tap + height] * np.float32(weights[tap])
-        out[:, phase] = acc
+    _phase_sums(rows, 0, height, phases, pad, [out[:, phase] for phase in range(scale)])  # along H
     return out.reshape(height * scale, width * scale)
+
+
+def _phase_sums(padded: np.ndarray, axis: int, length: int, phases: tuple[tuple[int, tuple[float, ...]], ...],
+                pad: int, outputs: list[np.ndarray]) -> None:
+    """Write each phase's weighted sum of its 4 taps (``length`` outputs along ``axis`` of
+    ``padded``) into that phase's view in ``outputs``."""
+
+    def shifted(start: int) -> np.ndarray:
+        window = [slice(None), slice(None)]
+        window[axis] = slice(start, start + length)
+        return padded[tuple(window)]
+
+    for (first, weights), output in zip(phases, outputs, strict=True):
+        start = pad + first
+        acc = shifted(start) * np.float32(weights[0])
+        for tap in range(1, 4):
+            acc += shifted(start + tap) * np.float32(weights[tap])
+        output[...] = acc
 
 
 def project_to_input(sr: np.ndarray, lr: np.ndarray, scale: int, *, steps: int, blur_sigma: float = 0.0) -> np.ndarray:

@@ -242,6 +242,18 @@ MEMORY_FORMATS: dict[str, torch.memory_format] = {"contiguous": torch.contiguous
                                                   "channels_last": torch.channels_last}
 
 
+def median_forward_seconds(model: torch.nn.Module, sample: torch.Tensor, repeats: int) -> float:
+    """The median wall time of ``model(sample)`` over ``repeats`` calls, after one warm-up call."""
+    with torch.inference_mode():
+        model(sample)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(sample)
+            times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
 def choose_memory_format(model: torch.nn.Module, *, probe: int = 96, repeats: int = 3,
                          device: torch.device | str = "cpu") -> str:
     """Leave ``model`` in the faster of its two weight layouts here, and return that layout's name.
@@ -253,20 +265,9 @@ def choose_memory_format(model: torch.nn.Module, *, probe: int = 96, repeats: in
     input is laid out the same way in both formats, so callers need not convert their tensors.
     """
     sample = torch.rand(1, 1, probe, probe, device=device)
-
-    def timed() -> float:
-        with torch.inference_mode():
-            model(sample)
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                model(sample)
-                times.append(time.perf_counter() - started)
-        return float(np.median(times))
-
-    contiguous = timed()
+    contiguous = median_forward_seconds(model, sample, repeats)
     model.to(memory_format=torch.channels_last)
-    if timed() < 0.95 * contiguous:
+    if median_forward_seconds(model, sample, repeats) < 0.95 * contiguous:
         return "channels_last"
     model.to(memory_format=torch.contiguous_format)
     return "contiguous"

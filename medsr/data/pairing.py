@@ -214,12 +214,11 @@ def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, para
     jobs = [(split, int(scale), kind) for split in SPLITS for scale in params["scales"] for kind in kinds_for(split, params)]
     # Every kind but ssl pairs its LR with the same HR (make_pair: the stored image cropped to a
     # multiple of the scale), so a split and scale's HR is written once and the other sets link it.
-    hr_owner = {(split, scale): out_root / split / f"x{scale}" / kind
-                for split, scale, kind in reversed(jobs) if kind != "ssl"}
+    hr_owner = {(split, scale): kind for split, scale, kind in reversed(jobs) if kind != "ssl"}  # the first kind
 
     def hr_like(split: str, scale: int, kind: str) -> Path | None:
         owner = hr_owner.get((split, scale))
-        return None if kind == "ssl" or owner == out_root / split / f"x{scale}" / kind else owner
+        return None if kind in ("ssl", owner) else out_root / split / f"x{scale}" / owner
 
     with parallel_mapper(workers, dask_address) as mapper:
         def submit(job: tuple[str, int, str]) -> tuple[tuple[str, int, str], Iterable[PairItem]]:

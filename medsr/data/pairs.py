@@ -54,7 +54,7 @@ class _FlatArrayFile:
     def __init__(self, path: Path) -> None:
         self.length = 0
         self._file = path.open("wb")
-        self._file.write(_npy_header(0))
+        self._header_size = self._file.write(_npy_header(0))
 
     def append(self, pixels: np.ndarray) -> int:
         """Write ``pixels`` (float32, any layout: written in C order); returns its offset."""
@@ -65,8 +65,8 @@ class _FlatArrayFile:
 
     def close(self) -> None:
         header = _npy_header(self.length)
-        if len(header) != len(_npy_header(0)):  # numpy's growth padding makes this unreachable in practice
-            raise RuntimeError(f"{self._file.name}: npy header grew from {len(_npy_header(0))} to {len(header)} bytes")
+        if len(header) != self._header_size:  # numpy's growth padding makes this unreachable in practice
+            raise RuntimeError(f"{self._file.name}: npy header grew from {self._header_size} to {len(header)} bytes")
         self._file.seek(0)
         self._file.write(header)
         self._file.close()
