@@ -303,6 +303,28 @@ def test_residual_cnn_trains_on_ssl_pairs_and_is_validated_lr_to_hr(tmp_path: Pa
     assert predict_image(generator, val.lr(0)).shape == val.hr(0).shape
 
 
+def test_training_pairs_overrides_the_models_own_pair_set(tmp_path: Path) -> None:
+    # residual_cnn's own pairs are ssl; train.models.residual_cnn.x2.training_pairs: standard trains it on HR targets.
+    root = write_pair_sets(tmp_path / "pairs", 2, kinds=("ssl", "standard"))
+    for file in (root / "train" / "x2" / "ssl").iterdir():  # only the standard pairs are left to train on
+        file.unlink()
+    (root / "train" / "x2" / "ssl").rmdir()
+    with pytest.raises(FileNotFoundError, match="ssl"):  # the model's own pairs are gone
+        train_generator(config(root, tmp_path / "own", model="residual_cnn", steps=2, model_options={"n_feats": 8}))
+    params = {"seed": 7, "train": {"pairs_root": str(root), "steps": 2, "batch_size": 4, "lr_patch": 8,
+                                   "val_every": 2, "checkpoint_every": 2, "quiet": True,
+                                   "models": {"residual_cnn": {"model_options": {"n_feats": 8},
+                                                               "x2": {"training_pairs": "standard"}}}}}
+    cfg = TrainConfig.from_params(params, "residual_cnn", 2, out_dir=str(tmp_path / "run"))
+    assert cfg.training_pairs == "standard" and cfg.model_options == {"n_feats": 8}
+    other = TrainConfig.from_params(params, "residual_cnn", 4)  # "x2" settings are x2's alone
+    assert other.training_pairs is None and other.model_options == {"n_feats": 8}
+    result = train_generator(cfg)
+    assert result.steps_done == 2 and result.best_checkpoint is not None
+    with pytest.raises(ValueError, match="training_pairs"):
+        config(root, tmp_path / "bad", model="residual_cnn", training_pairs="paired")
+
+
 def test_brainsr_curriculum_moves_from_x2_to_target_and_from_standard_to_blind(tmp_path: Path) -> None:
     root = write_pair_sets(tmp_path / "pairs", 2, kinds=("standard", "blind"))
     write_pair_sets(root, 4, hr_size=48, kinds=("standard", "blind"))

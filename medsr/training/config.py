@@ -22,7 +22,9 @@ Expected layout of the ``train`` section (every key optional; defaults are the d
                 loss: {recipe: srgan, terms: {adversarial: {relativistic: true}, tv: {weight: 0}}}}
 
 Precedence: dataclass defaults < ``train`` top-level keys < ``profiles[profile]`` <
-``models[model]`` < ``profiles[profile].models[model]`` (a profile's budget for one model); nested
+``models[model]`` < ``models[model].x<scale>`` < ``profiles[profile].models[model]`` (a profile's
+budget for one model) < ``profiles[profile].models[model].x<scale>``; a ``x<scale>`` entry holds
+settings for that scale alone (e.g. ``residual_cnn: {x2: {training_pairs: standard}}``); nested
 dicts (``loss``, ``model_options``, ``discriminator_options``) are merged key by key, and
 ``loss.terms`` term by term. Unknown keys raise, so a typo never silently trains with a default.
 """
@@ -37,6 +39,11 @@ _NESTED = ("loss", "model_options", "discriminator_options")
 # loss.recipe: a name in medsr.losses.RECIPES (default: the model's own); loss.terms: {term key:
 # its constructor arguments}, merged over the recipe's (medsr.losses.recipes.recipe_config).
 LOSS_KEYS = frozenset({"recipe", "terms"})
+
+
+def _is_scale_key(key: Any) -> bool:
+    """``x2``, ``x4``...: a model entry's per-scale settings."""
+    return isinstance(key, str) and len(key) > 1 and key[0] == "x" and key[1:].isdigit()
 
 
 @dataclass
@@ -80,6 +87,8 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA; never on CPU
     augment: bool = True  # random flips and 90-degree rotations of training patches
     blind_fraction: float = 1.0  # blind-trained models: share of blind pairs, the rest standard
+    # The pair set trained on (standard, blind or ssl); None: the model's own (ModelSpec.training_pairs).
+    training_pairs: str | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
     discriminator_options: dict[str, Any] = field(default_factory=dict)
     feature_weights: str | None = None  # VGG19 weights file for the perceptual loss
@@ -118,6 +127,8 @@ class TrainConfig:
                              f"got {self.lr_milestones}")
         if not 0.0 < self.lr_gamma <= 1.0:
             raise ValueError(f"train.lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.training_pairs is not None and self.training_pairs not in ("standard", "blind", "ssl"):
+            raise ValueError(f"train.training_pairs must be standard, blind, ssl or null, got {self.training_pairs!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         unknown = set(self.loss) - LOSS_KEYS
@@ -154,7 +165,12 @@ class TrainConfig:
         profile_layer = dict(profiles.get(chosen) or {})
         # A profile may size one model differently (a CPU budget for the heavy GANs): most specific wins.
         profile_models = profile_layer.pop("models", None) or {}
-        for layer in (train, profile_layer, models.get(model) or {}, profile_models.get(model) or {}, overrides):
+        layers = [train, profile_layer]
+        for model_layer in (models.get(model) or {}, profile_models.get(model) or {}):
+            # A model's entry may hold one scale's own settings under "x<scale>" (the most specific).
+            own = {k: v for k, v in model_layer.items() if not _is_scale_key(k)}
+            layers += [own, model_layer.get(f"x{int(scale)}") or {}]
+        for layer in (*layers, overrides):
             for key, value in layer.items():
                 if key in _NESTED and isinstance(value, dict):
                     merged = {**values.get(key, {}), **value}

@@ -600,7 +600,7 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
     done = run.stopped_early or start >= config.steps
 
     if not done and stop > start:
-        dataset = PatchBatches(config.pairs_root, kind=run.spec.training_pairs, target_scale=config.scale,
+        dataset = PatchBatches(config.pairs_root, kind=config.training_pairs or run.spec.training_pairs, target_scale=config.scale,
                                batch_size=config.batch_size, lr_patch=config.lr_patch, seed=config.seed,
                                first_step=start + 1, last_step=stop, total_steps=config.steps,
                                augment=config.augment, curriculum=run.curriculum,
