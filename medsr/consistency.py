@@ -7,9 +7,14 @@ antialiased bicubic downsampling (optionally after a Gaussian blur) and ``U`` pl
 upsampling, the operators of :mod:`medsr.degradations` in torch. On a clean input this lifts
 an over-smoothing model above bicubic by construction; on a noisy input the same step copies
 the noise back in, so its strength follows the input's noise level: ``w = 1 / (1 + (sigma /
-noise_threshold)^4)`` with ``sigma`` a robust wavelet (MAD) estimate of the LR noise over its
-flattest blocks (:func:`estimate_noise_sigma`) or a level the caller gives; the result is
+noise_threshold)^noise_exponent)`` with ``sigma`` a robust wavelet (MAD) estimate of the LR noise
+over its flattest blocks (:func:`estimate_noise_sigma`) or a level the caller gives; the result is
 ``sr + w * (projected - sr)``.
+
+The switch is steep (exponent 8) because both of its ends cost: a scan whose own reconstruction
+noise (CT, processed radiographs) reads as sigma ~0.005 is a clean input whose noise belongs to the
+reference, and a denoising network left alone there loses it; an input carrying added noise of
+sigma ~0.01 is copied back in even by a weight of 0.01 (five steps amplify the high frequencies).
 
 Arrays follow the contract of :mod:`medsr.data`: ``(1, H, W)`` float32 in [0, 1].
 """
@@ -37,12 +42,13 @@ class ConsistencySettings:
 
     ``steps``: back-projection iterations (0 switches the step off); ``noise_threshold``: the LR
     noise standard deviation (on the [0, 1] scale) at which the step's weight falls to one half;
-    ``blur_sigma``: the blur (HR px) that ``D`` assumes before downsampling (0: the clean track's
-    operator).
+    ``noise_exponent``: how steeply it falls there; ``blur_sigma``: the blur (HR px) that ``D``
+    assumes before downsampling (0: the clean track's operator).
     """
 
     steps: int = 0
     noise_threshold: float = 0.004
+    noise_exponent: float = 4.0
     blur_sigma: float = 0.0
 
     def __post_init__(self) -> None:
@@ -50,6 +56,8 @@ class ConsistencySettings:
             raise ValueError(f"consistency.steps must be an integer >= 0, got {self.steps!r}")
         if not (math.isfinite(self.noise_threshold) and self.noise_threshold > 0):
             raise ValueError(f"consistency.noise_threshold must be > 0, got {self.noise_threshold!r}")
+        if not (math.isfinite(self.noise_exponent) and self.noise_exponent > 0):
+            raise ValueError(f"consistency.noise_exponent must be > 0, got {self.noise_exponent!r}")
         if not (math.isfinite(self.blur_sigma) and self.blur_sigma >= 0):
             raise ValueError(f"consistency.blur_sigma must be >= 0, got {self.blur_sigma!r}")
 
@@ -60,13 +68,15 @@ class ConsistencySettings:
     @classmethod
     def from_params(cls, section: Mapping[str, Any] | None) -> ConsistencySettings:
         section = dict(section or {})
-        unknown = set(section) - {"steps", "noise_threshold", "blur_sigma"}
+        unknown = set(section) - {"steps", "noise_threshold", "noise_exponent", "blur_sigma"}
         if unknown:
-            raise ValueError(f"consistency: unknown keys {sorted(unknown)}; known: blur_sigma, noise_threshold, steps")
+            raise ValueError(f"consistency: unknown keys {sorted(unknown)}; "
+                             "known: blur_sigma, noise_exponent, noise_threshold, steps")
         return cls(**section)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "noise_threshold": self.noise_threshold, "blur_sigma": self.blur_sigma}
+        return {"steps": self.steps, "noise_threshold": self.noise_threshold, "noise_exponent": self.noise_exponent,
+                "blur_sigma": self.blur_sigma}
 
 
 def estimate_noise_sigma(lr: np.ndarray, flat_fraction: float = 0.5) -> float:
@@ -94,11 +104,11 @@ def estimate_noise_sigma(lr: np.ndarray, flat_fraction: float = 0.5) -> float:
     return sigma if math.isfinite(sigma) else 0.0
 
 
-def consistency_strength(noise_sigma: float, noise_threshold: float) -> float:
+def consistency_strength(noise_sigma: float, noise_threshold: float, noise_exponent: float = 4.0) -> float:
     """The back-projection weight in [0, 1] for an input with this noise level (1 when clean)."""
     if not math.isfinite(noise_sigma) or noise_sigma < 0:
         raise ValueError(f"noise_sigma must be a finite number >= 0, got {noise_sigma}")
-    return 1.0 / (1.0 + (noise_sigma / noise_threshold) ** 4)
+    return 1.0 / (1.0 + (noise_sigma / noise_threshold) ** noise_exponent)
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -246,7 +256,7 @@ def refine(sr: np.ndarray, lr: np.ndarray, scale: int, settings: ConsistencySett
     if not settings.enabled:
         return np.array(sr, dtype=np.float32, copy=True)
     sigma = estimate_noise_sigma(lr) if noise_sigma is None else float(noise_sigma)
-    weight = consistency_strength(sigma, settings.noise_threshold)
+    weight = consistency_strength(sigma, settings.noise_threshold, settings.noise_exponent)
     projected = project_to_input(sr, lr, scale, steps=settings.steps, blur_sigma=settings.blur_sigma)
     # sr + w * (projected - sr), in projected's buffer (the same float operations, no temporaries).
     projected -= sr

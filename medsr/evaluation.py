@@ -275,3 +275,31 @@ def evaluate_folder(folder: Any, generator: Any, scale: int, params: Mapping[str
     summary = [{k: v for k, v in r.items() if k != "model"} for r in summarize(records) if r["model"] == "model"]
     return {"model": label, "scale": scale, "tracks": tracks, "consistency": settings.as_dict(),
             "summary": summary, "per_image": per_image, "skipped": skipped}
+
+
+# --------------------------------------------------------------------------- references with their own noise
+
+def with_noisy_reference(images: Sequence[HeldOutImage], sigma: float, correlation: float, scale: int,
+                         degrade_params: Mapping[str, Any], *, seed: int = 0) -> list[HeldOutImage]:
+    """``images`` with Gaussian noise of std ``sigma`` in their HR reference (white, smoothed by a
+    Gaussian of ``correlation`` HR px, then rescaled to ``sigma``), each LR rebuilt from the noisy
+    HR on its own track.
+
+    A probe of what real scans are: CT reconstructions and processed radiographs carry correlated
+    noise of their own, which belongs to the reference. The embedded val images are nearly clean
+    (or, for MRI, far noisier than any training pair), so only this shows a model that removes
+    every noise it sees, and a consistency weight that lets it (``benchmarks/probe_noisy_reference.py``).
+    """
+    from scipy import ndimage
+
+    probed = []
+    for image in images:
+        rng = deg.rng_for(seed, image.key, scale, "reference-noise")
+        noise = rng.standard_normal(image.hr.shape)
+        if correlation > 0:
+            noise = ndimage.gaussian_filter(noise, (0, correlation, correlation), mode="reflect")
+        hr = np.clip(image.hr + noise * (sigma / max(float(noise.std()), 1e-12)), 0.0, 1.0).astype(np.float32)
+        lr = track_lr(hr, scale, image.track, modality=image.modality, key=image.key, degrade_params=degrade_params)
+        probed.append(HeldOutImage(key=image.key, modality=image.modality, source=image.source, track=image.track,
+                                   hr=hr, lr=lr))
+    return probed

@@ -52,6 +52,32 @@ def test_strength_follows_the_noise() -> None:
     assert consistency_strength(0.003, 0.003) == pytest.approx(0.5)
     assert consistency_strength(0.01, 0.003) < 0.02
     assert consistency_strength(0.001, 0.003) > 0.98
+    # Steeper: the same half-way point, far less weight on a noisy input, far more on a mildly noisy one.
+    assert consistency_strength(0.005, 0.005, 8) == pytest.approx(0.5)
+    assert consistency_strength(0.0095, 0.005, 8) < 0.01 < consistency_strength(0.0095, 0.005, 4)
+    assert consistency_strength(0.0035, 0.005, 8) > 0.94 > consistency_strength(0.0035, 0.005, 4)
+
+
+def test_shipped_settings_keep_a_references_own_noise_and_keep_added_noise_out() -> None:
+    # A scan with correlated noise of its own (0.006, as CT reconstructions have) is a clean input: a
+    # denoising "model" loses to bicubic there, and the shipped settings must project it back above.
+    from medsr.evaluation import HeldOutImage, with_noisy_reference
+    from medsr.params import load_params
+
+    params = load_params()
+    settings = ConsistencySettings.from_params(params["consistency"])
+    clean_hr = _phantom(256)
+    image = HeldOutImage(key="phantom", modality="ct", source="phantom", track="clean", hr=clean_hr,
+                         lr=deg.degrade_bicubic(clean_hr, 2))
+    [noisy] = with_noisy_reference([image], 0.006, 1.0, 2, params["degrade"])
+    denoised = deg.upsample_bicubic(deg.gaussian_blur(noisy.lr, 1.0), 2)
+    bicubic = psnr(deg.upsample_bicubic(noisy.lr, 2), noisy.hr, border=2)
+    assert psnr(denoised, noisy.hr, border=2) < bicubic - 3
+    assert psnr(refine(denoised, noisy.lr, 2, settings), noisy.hr, border=2) > bicubic + 0.3
+    # Added noise (0.01 in LR) must stay out: the denoised output is not pulled back towards it.
+    noisy_lr = deg.add_gaussian_noise(image.lr, 0.01, np.random.default_rng(1))
+    denoised = deg.upsample_bicubic(deg.gaussian_blur(noisy_lr, 1.0), 2)
+    assert psnr(refine(denoised, noisy_lr, 2, settings), clean_hr, border=2) > psnr(denoised, clean_hr, border=2)
 
 
 def test_noise_estimate_tracks_added_noise() -> None:
@@ -79,7 +105,7 @@ def test_switched_off_and_bad_settings() -> None:
     sr = deg.upsample_bicubic(deg.degrade_bicubic(_phantom(), 2), 2)
     out = refine(sr, deg.degrade_bicubic(_phantom(), 2), 2, ConsistencySettings(steps=0))
     assert np.array_equal(out, sr) and out is not sr
-    for bad in ({"steps": -1}, {"noise_threshold": 0.0}, {"blur_sigma": -1.0}):
+    for bad in ({"steps": -1}, {"noise_threshold": 0.0}, {"noise_exponent": 0.0}, {"blur_sigma": -1.0}):
         with pytest.raises(ValueError, match="consistency"):
             ConsistencySettings(**bad)
     with pytest.raises(ValueError, match="unknown keys"):

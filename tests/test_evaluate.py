@@ -131,3 +131,30 @@ def test_evaluate_refuses_bad_requests_with_one_line(project: dict[str, object],
     assert wrong_scale.exit_code == 1 and "pass --scale 2" in wrong_scale.output
     unknown = _evaluate(str(tmp_path), "--model", "nothing-here", "--scale", "2", "--params", params)
     assert unknown.exit_code == 1 and "models:/medsr-x4@champion" in unknown.output
+
+
+@pytest.mark.parametrize("correlation", [0.0, 1.0])
+def test_noisy_reference_probe_puts_seeded_noise_in_the_hr_and_rebuilds_each_track(correlation: float) -> None:
+    from medsr import degradations as deg
+    from medsr.data.pairing import track_lr
+    from medsr.evaluation import HeldOutImage, with_noisy_reference
+
+    degrade = load_params()["degrade"]
+    hr = np.full((1, 128, 128), 0.5, np.float32)
+    images = [HeldOutImage(key=key, modality="xray", source="f", track=track, hr=hr,
+                           lr=track_lr(hr, SCALE, track, modality="xray", key=key, degrade_params=degrade))
+              for key in ("a", "b") for track in ("clean", "realistic")]
+    probed = with_noisy_reference(images, 0.006, correlation, SCALE, degrade)
+    again = with_noisy_reference(images, 0.006, correlation, SCALE, degrade)
+    for image, out, out_again in zip(images, probed, again, strict=True):
+        assert (out.key, out.track, out.modality) == (image.key, image.track, image.modality)
+        assert np.array_equal(out.hr, out_again.hr) and np.array_equal(out.lr, out_again.lr)  # seeded
+        noise = (out.hr - hr)[0]
+        assert noise.std() == pytest.approx(0.006, rel=0.02)
+        neighbour = np.corrcoef(noise[:, :-1].ravel(), noise[:, 1:].ravel())[0, 1]
+        assert (neighbour > 0.5) if correlation else (abs(neighbour) < 0.05)
+        # The LR comes from the noisy HR on the image's own track (the realistic track's own seeded noise on top).
+        assert np.array_equal(out.lr, track_lr(out.hr, SCALE, out.track, modality="xray", key=out.key,
+                                               degrade_params=degrade))
+    assert np.array_equal(probed[0].lr, deg.degrade_bicubic(probed[0].hr, SCALE))
+    assert np.abs(probed[0].hr - probed[2].hr).max() > 0.01  # each image its own noise
