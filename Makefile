@@ -45,6 +45,7 @@ bench: venv
 	$(PY) benchmarks/bench_serving.py
 	$(PY) benchmarks/bench_inference_paths.py
 	$(PY) benchmarks/bench_orchestration.py
+	$(PY) benchmarks/probe_noisy_reference.py  # quality, val only: needs the models of `make run`
 
 # Serves the registry's champion (run `make run` first) on 127.0.0.1:3000.
 serve: venv
