@@ -10,6 +10,7 @@ needs the trained checkpoints (``make run``). Writes benchmarks/results/noisy_re
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def main() -> None:
     torch.set_num_threads(2)
     params = load_params(REPO / "params.yaml")
     chosen = ConsistencySettings.from_params(params["consistency"])
-    settings = {"params": chosen, "before": ConsistencySettings(**{**chosen.as_dict(), **BEFORE})}
+    settings = {"params": chosen, "before": replace(chosen, **BEFORE)}
     pairs_root = REPO / params["train"]["pairs_root"]
     rows = []
     for scale in args.scale:

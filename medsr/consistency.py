@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Any
 
@@ -68,15 +68,14 @@ class ConsistencySettings:
     @classmethod
     def from_params(cls, section: Mapping[str, Any] | None) -> ConsistencySettings:
         section = dict(section or {})
-        unknown = set(section) - {"steps", "noise_threshold", "noise_exponent", "blur_sigma"}
+        known = {f.name for f in fields(cls)}
+        unknown = set(section) - known
         if unknown:
-            raise ValueError(f"consistency: unknown keys {sorted(unknown)}; "
-                             "known: blur_sigma, noise_exponent, noise_threshold, steps")
+            raise ValueError(f"consistency: unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**section)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "noise_threshold": self.noise_threshold, "noise_exponent": self.noise_exponent,
-                "blur_sigma": self.blur_sigma}
+        return asdict(self)
 
 
 def estimate_noise_sigma(lr: np.ndarray, flat_fraction: float = 0.5) -> float:

@@ -127,8 +127,12 @@ class TrainConfig:
                              f"got {self.lr_milestones}")
         if not 0.0 < self.lr_gamma <= 1.0:
             raise ValueError(f"train.lr_gamma must be in (0, 1], got {self.lr_gamma}")
-        if self.training_pairs is not None and self.training_pairs not in ("standard", "blind", "ssl"):
-            raise ValueError(f"train.training_pairs must be standard, blind, ssl or null, got {self.training_pairs!r}")
+        if self.training_pairs is not None:
+            from medsr.models.architectures import TRAINING_PAIRS  # the models' own list of pair sets
+
+            if self.training_pairs not in TRAINING_PAIRS:
+                raise ValueError(f"train.training_pairs must be {', '.join(TRAINING_PAIRS)} or null, "
+                                 f"got {self.training_pairs!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         unknown = set(self.loss) - LOSS_KEYS
