@@ -68,7 +68,7 @@ def main() -> None:
                     "models": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for device in devices:
-            for model in params["models"]:  # the models the pipeline trains
+            for model in params["train"]["models"]:  # the models the pipeline trains
                 for scale in (2, 4):
                     options = TrainConfig.from_params(params, model, scale).model_options
                     generator = build_generator(model, scale, **options)

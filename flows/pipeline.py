@@ -64,6 +64,7 @@ class StageSpec:
     cached_outs: tuple[str, ...]  # restored with `dvc checkout` when the stage fails
     uncached_outs: tuple[str, ...]  # metrics/plots with cache: false: snapshotted before the run
     persist_outs: tuple[str, ...]  # never touched: resumable downloads and checkpoints live here
+    always_changed: bool = False  # DVC runs it on every repro (the `sources` fingerprint)
 
 
 def _out_entries(entries: list[Any] | None, *, cache_default: bool) -> list[tuple[str, bool, bool]]:
@@ -85,7 +86,8 @@ def _spec(name: str, body: dict[str, Any]) -> StageSpec:
     return StageSpec(name=name,
                      cached_outs=tuple(p for p, cached, persist in outs if cached and not persist),
                      uncached_outs=tuple(p for p, cached, persist in outs if not cached and not persist),
-                     persist_outs=tuple(p for p, _cached, persist in outs if persist))
+                     persist_outs=tuple(p for p, _cached, persist in outs if persist),
+                     always_changed=bool(body.get("always_changed", False)))
 
 
 def pipeline_stages(repo: Path) -> list[StageSpec]:

@@ -419,3 +419,12 @@ def test_prefect_yaml_deploys_the_same_flow_to_a_work_pool(flow_repo: Path, pref
     assert deployment.work_pool_name == "medsr"
     assert [s.schedule.cron for s in deployment.schedules] == [schedule_params["cron"]] == ["0 3 * * 0"]
     assert deployment.entrypoint == "flows/retrain.py:retrain" and deployment.parameters == {"repo": "."}
+
+
+def test_stage_specs_mark_the_stages_dvc_runs_on_every_repro() -> None:
+    # bench_orchestration's no-op check skips these: `sources` runs (a stat) even when nothing changed.
+    from flows.pipeline import pipeline_stages
+
+    specs = pipeline_stages(REPO_ROOT)
+    assert [s.name for s in specs if s.always_changed] == ["sources"]
+    assert len(specs) > 5
