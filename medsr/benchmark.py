@@ -34,6 +34,10 @@ from medsr.training.stage import MODELS_DIR
 from medsr.training.trainer import predict_image
 
 RAW_SUFFIX = ":raw"  # the network's output before the consistency step, in the ablation rows
+# The zero-parameter baseline a user gets for free: bicubic, then the same consistency step the models get.
+# A model is worth shipping only where it beats this, not just plain bicubic.
+CONSISTENCY_BASELINE = "bicubic+consistency"
+BASELINES = ("bicubic", CONSISTENCY_BASELINE)
 
 LAYERS_WITH_MACS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
@@ -116,6 +120,48 @@ def model_outputs(generator: nn.Module, name: str, scale: int, consistency: Cons
     return outputs
 
 
+def baseline_outputs(scale: int, consistency: ConsistencySettings,
+                     device: str = "cpu") -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """LR -> {bicubic, bicubic+consistency}: the two baselines (one bicubic upsampling for both)."""
+    bicubic = build_generator("bicubic", scale)
+
+    def outputs(lr: np.ndarray) -> dict[str, np.ndarray]:
+        up = predict_image(bicubic, lr, device)
+        return {"bicubic": up, CONSISTENCY_BASELINE: refine(up, lr, scale, consistency)}
+
+    return outputs
+
+
+def network_only(row: Mapping[str, Any], consistency: ConsistencySettings) -> bool:
+    """Whether a benchmark row scores a network without the consistency step (an ``ablation`` row)."""
+    return consistency.enabled and not row["consistency"] and row["model"] not in BASELINES
+
+
+def with_network_gains(rows: Sequence[dict[str, Any]], consistency: ConsistencySettings) -> list[dict[str, Any]]:
+    """The served rows (one per model and cell), each with the network's own gain and the baseline's beside it.
+
+    ``network_gain_db`` / ``network_ssim_gain``: the network alone, no consistency step (for the
+    baselines: bicubic's, 0). ``baseline_gain_db`` / ``baseline_ssim_gain``: what
+    ``bicubic+consistency`` gains on the same cell, so ``gain_db - baseline_gain_db`` is what the
+    model adds beyond the free step.
+    """
+    def cell(r: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (r["split"], r["scale"], r["track"], r["modality"])
+
+    raw = {(r["model"], *cell(r)): r for r in rows if network_only(r, consistency)}
+    baseline = {cell(r): r for r in rows if r["model"] == CONSISTENCY_BASELINE}
+    served = []
+    for r in rows:
+        if network_only(r, consistency):
+            continue
+        # Consistency off: the served output is the network's own. The baselines' network is bicubic.
+        alone = {"gain_db": 0.0, "ssim_gain": 0.0} if r["model"] in BASELINES else raw.get((r["model"], *cell(r)), r)
+        base = baseline.get(cell(r), {})
+        served.append({**r, "network_gain_db": alone["gain_db"], "network_ssim_gain": alone["ssim_gain"],
+                       "baseline_gain_db": base.get("gain_db"), "baseline_ssim_gain": base.get("ssim_gain")})
+    return served
+
+
 def image_sources(split_table: Path) -> dict[str, str]:
     """Image id -> file label (:func:`medsr.data.split.file_label`) from the split table, when present."""
     if not split_table.is_file():
@@ -128,13 +174,16 @@ def benchmark(models: Sequence[str], scales: Sequence[int], pairs_root: Path, mo
               *, tracks: Sequence[str] = TRACKS, consistency: ConsistencySettings = ConsistencySettings(),
               sources: Mapping[str, str] | None = None, latency_side: int = 256, device: str = "cpu",
               max_per_modality: int | None = None) -> dict[str, Any]:
-    """Score each trained model and bicubic on the test and val tracks, per modality.
+    """Score each trained model and both baselines on the test and val tracks, per modality.
 
-    ``results``: test rows per model, scale, track and modality (and ``all``), each with
-    ``images``, ``files``, PSNR/SSIM, bicubic's, ``gain_db``, ``ssim_gain``, foreground scores for
-    CT/MRI, and the same cell's validation gains. ``validation``: the val rows (what the registry
-    selects on). ``ablation``: each model without the consistency step. ``images``: the image
-    keys behind every cell. ``max_per_modality`` limits each set to evenly spaced images (smoke runs).
+    ``results``: test rows per model (and ``bicubic``, ``bicubic+consistency``), scale, track and
+    modality (and ``all``), each with ``images``, ``files``, PSNR/SSIM, bicubic's, ``gain_db`` and
+    ``ssim_gain`` (the system: network + consistency step), ``network_gain_db`` and
+    ``network_ssim_gain`` (the network alone), ``baseline_gain_db`` (bicubic+consistency's gain on
+    the cell), foreground scores for CT/MRI, and the same cell's validation numbers (``val_*``).
+    ``validation``: the val rows (what the registry selects on). ``ablation``: each model without
+    the consistency step. ``images``: the image keys behind every cell. ``max_per_modality``
+    limits each set to evenly spaced images (smoke runs).
     """
     sources = dict(sources or {})
     rows: list[dict[str, Any]] = []
@@ -150,9 +199,9 @@ def benchmark(models: Sequence[str], scales: Sequence[int], pairs_root: Path, mo
         baseline = build_generator("bicubic", scale)
         records = {split: [] for split in EVAL_SPLITS}
         for (split, _track), images in sets.items():
-            records[split] += evaluate_images(lambda lr: {"bicubic": predict_image(baseline, lr, device)}, images, scale)
-        for name in ("bicubic", *models):
-            if name == "bicubic":
+            records[split] += evaluate_images(baseline_outputs(scale, consistency, device), images, scale)
+        for name in (*BASELINES, *models):
+            if name in BASELINES:
                 generator, info = baseline, {}
             else:
                 checkpoint = models_root / name / f"x{scale}" / "best.pt"
@@ -162,12 +211,13 @@ def benchmark(models: Sequence[str], scales: Sequence[int], pairs_root: Path, mo
                     records[split] += evaluate_images(outputs, images, scale)
             details.setdefault(name, {})[f"x{scale}"] = {
                 "params": count_parameters(generator),
-                "macs_per_output_mpixel": macs_per_output_megapixel(generator, scale) if name != "bicubic" else 0.0,
+                "macs_per_output_mpixel": macs_per_output_megapixel(generator, scale) if name not in BASELINES else 0.0,
                 "cpu_latency_ms_256": round(cpu_latency_ms(generator, latency_side), 2),
                 "trained_steps": info.get("step"),
-                "phase": info.get("phase", "pixel" if name != "bicubic" else None),
+                "phase": info.get("phase", "pixel" if name not in BASELINES else None),
                 "best_val_psnr": info.get("best_val_psnr"),
                 "feature_loss": info.get("feature_loss"),
+                "model_options": info.get("model_options"),  # the size trained (a profile may train a smaller member)
             }
             generator.to(device)
         for split in EVAL_SPLITS:
@@ -176,24 +226,26 @@ def benchmark(models: Sequence[str], scales: Sequence[int], pairs_root: Path, mo
                 model = row["model"].removesuffix(RAW_SUFFIX)
                 rows.append({**row, "model": model, "scale": scale, "split": split,
                              "consistency": bool(consistency.enabled and not raw and model != "bicubic"),
+                             "network": "bicubic" if model in BASELINES else model,
                              "phase": details.get(model, {}).get(f"x{scale}", {}).get("phase")})
     def cell(r: Mapping[str, Any]) -> tuple[Any, ...]:
-        return (r["model"], r["scale"], r["track"], r["modality"], r["consistency"])
+        return (r["model"], r["scale"], r["track"], r["modality"])
 
-    served = [r for r in rows if r["consistency"] or r["model"] == "bicubic" or not consistency.enabled]
+    served = with_network_gains(rows, consistency)
     val = {cell(r): r for r in served if r["split"] == "val"}
     results = []
     for r in served:
         if r["split"] != "test":
             continue
         v = val.get(cell(r), {})
-        results.append({**r, "val_gain_db": v.get("gain_db"), "val_ssim_gain": v.get("ssim_gain"),
-                        "val_images": v.get("images", 0)})
-    ablation = [r for r in rows if r not in served]
+        results.append({**r, **{f"val_{k}": v.get(k) for k in VAL_FIELDS}, "val_images": v.get("images", 0)})
+    ablation = [r for r in rows if network_only(r, consistency)]
     return {"definition": DEFINITION, "tracks": list(tracks), "consistency": consistency.as_dict(),
             "results": results, "validation": [r for r in served if r["split"] == "val"],
             "ablation": ablation, "images": image_keys, "models": details}
 
+
+VAL_FIELDS = ("gain_db", "ssim_gain", "network_gain_db", "network_ssim_gain", "baseline_gain_db", "baseline_ssim_gain")
 
 DEFINITION = ("Held-out images (test and val hold whole files, or regions of a one-file modality separated by a gap), "
               "two tracks: clean = antialiased bicubic down only; realistic = Gaussian blur degrade.blur_sigma, "
@@ -202,7 +254,10 @@ DEFINITION = ("Held-out images (test and val hold whole files, or regions of a o
               "use_sample_covariance=False (Wang et al. 2004). gain_db = model PSNR - bicubic PSNR on the same images; "
               "*_fg: inside an Otsu body/brain mask of the HR image (CT, MRI). images/files: how many images and "
               "source files are behind each number. Models are scored with the consistency step of params "
-              "`consistency` (rows `consistency: true`); `ablation` holds the network alone.")
+              "`consistency` (rows `consistency: true`): gain_db is the system's gain (network + step), "
+              "network_gain_db the network's alone (the `ablation` rows). The baseline `bicubic+consistency` is "
+              "bicubic followed by the same step, which any image gets for free; baseline_gain_db is its gain on "
+              "the same cell, and a model adds only gain_db - baseline_gain_db.")
 
 
 def sample_crops(models: Sequence[str], scale: int, pairs_root: Path, models_root: Path, out: Path, *,

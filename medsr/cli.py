@@ -129,38 +129,37 @@ def benchmark(params: Path = ParamsOption) -> None:
 
 
 def print_results() -> None:
-    """Per scale: each model's gain over bicubic (PSNR dB / SSIM) on the test split, per track and modality, with n."""
+    """Per scale and track: each model's test gain over bicubic with the consistency step and alone, with n;
+    then what each network learned on validation."""
+    from medsr.reporting import learning_checks, learning_table, results_tables
+
     report = _read_metrics("benchmark")
     if not report:
         return
-    rows_all = [r for r in report["results"] if "track" in r]
-    for scale in sorted({r["scale"] for r in rows_all}):
-        rows = [r for r in rows_all if r["scale"] == scale]
-        cells = sorted({(r["track"], r["modality"]) for r in rows}, key=lambda c: (c[0], c[1] == "all", c[1]))
-        table = Table(title=f"Test split, x{scale}: gain over bicubic, PSNR dB / SSIM (bicubic row: its PSNR / SSIM); "
-                            "n = images / files")
-        table.add_column("model")
-        table.add_column("phase")
-        for track, modality in cells:
-            table.add_column(f"{track}\n{modality}", justify="right")
-        n_cells = []
-        for track, modality in cells:
-            match = [r for r in rows if r["model"] == "bicubic" and (r["track"], r["modality"]) == (track, modality)]
-            n_cells.append(f"{match[0]['images']} / {match[0]['files']}" if match else "-")
-        table.add_row("n", "", *n_cells)
-        for model in dict.fromkeys(r["model"] for r in rows):
-            out = []
-            for track, modality in cells:
-                match = [r for r in rows if r["model"] == model and (r["track"], r["modality"]) == (track, modality)]
-                if not match:
-                    out.append("-")
-                elif model == "bicubic":
-                    out.append(f"{match[0]['psnr']:.2f} / {match[0]['ssim']:.3f}")
-                else:
-                    out.append(f"{match[0]['gain_db']:+.2f} / {match[0]['ssim_gain']:+.3f}")
-            phase = next((r.get("phase") or "" for r in rows if r["model"] == model), "")
-            table.add_row(model, phase, *out)
+    for result in [*results_tables(report, "test"), learning_table(learning_checks(report))]:
+        table = Table(title=result.title)
+        for i, column in enumerate(result.columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in result.rows:
+            table.add_row(*row)
         console.print(table)
+    console.print("Every table as markdown, test and validation: `medsr report` (writes docs/results.md)")
+
+
+@app.command()
+def report(out: Path = typer.Option(Path("docs/results.md"), "--out", help="Markdown file to write.")) -> None:
+    """Write the results tables (test and validation, both numbers per model) from metrics/benchmark.json."""
+    from medsr.atomic import atomic_path
+    from medsr.reporting import results_document
+
+    benchmark_report = _read_metrics("benchmark")
+    if not benchmark_report:
+        err_console.print("medsr report: metrics/benchmark.json is missing: run `dvc repro` (or `make run`) first")
+        raise typer.Exit(1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, suffix=".md") as tmp:
+        tmp.write_text(results_document(benchmark_report))
+    console.print(f"report: written {out}")
 
 
 @app.command()

@@ -4,8 +4,11 @@ aliases ``champion`` (what serving loads: ``models:/medsr-x4@champion``) and ``c
 After the benchmark, :func:`register_stage` picks the best model of each scale:
 
 * **selection** (validation split): the highest mean PSNR gain over bicubic across modalities,
-  among models with no modality more than ``registry.max_modality_loss_db`` below bicubic
-  (0 by default: none worse). Selecting on validation keeps the test split for the decision.
+  among models that beat the honest baseline ``bicubic+consistency`` (bicubic followed by the
+  same consistency step, which any image gets for free) on every validation cell by more than
+  ``-registry.max_modality_loss_db`` (0 by default: strictly better, SSIM no worse). A model
+  whose only "gain" is the consistency step is refused. Selecting on validation keeps the test
+  split for the decision.
 * **registration**: a new version of ``medsr-x<scale>`` (or the existing one, when the same
   training run is registered again), tagged with the model name, params hash, data version, git
   commit, when it was trained, cost (parameters, MACs, CPU latency) and the benchmark numbers
@@ -220,6 +223,11 @@ class ModalityScore:
     val_gain_db: float | None = None
     val_ssim_gain: float | None = None
     val_images: int = 0
+    # The network alone (no consistency step), and what the baseline bicubic+consistency gains on the cell.
+    network_gain_db: float | None = None
+    val_network_gain_db: float | None = None
+    val_baseline_gain_db: float | None = None
+    val_baseline_ssim_gain: float | None = None
 
     @property
     def gain_db(self) -> float:
@@ -248,6 +256,7 @@ class Scores:
         return {
             "mean_test_gain_db": round(self.mean_gain_db(chosen), 4),
             "per_modality": {m: {"psnr": round(s.psnr, 4), "ssim": round(s.ssim, 4), "gain_db": round(s.gain_db, 4),
+                                 "network_gain_db": None if s.network_gain_db is None else round(s.network_gain_db, 4),
                                  "ssim_gain": round(s.ssim_gain, 4), "bicubic_psnr": round(s.bicubic_psnr, 4),
                                  "images": s.images} for m, s in ((m, self.per_modality[m]) for m in chosen)},
             "data_version": self.data_version,
@@ -270,27 +279,53 @@ class Candidate:
         return statistics.fmean(gains) if gains else float("nan")
 
     def worst_val_modality(self) -> tuple[str, float]:
+        """The validation cell where the model is furthest below (or least above) the baseline, and by how much."""
         judged = {m: s for m, s in self.scores.per_modality.items() if s.val_images > 0} or self.scores.per_modality
-        modality, score = min(judged.items(), key=lambda item: _or_nan(item[1].val_gain_db))
-        return modality, _or_nan(score.val_gain_db)
+        modality, score = min(judged.items(), key=lambda item: _or_nan(margin_over_baseline(item[1])))
+        return modality, _or_nan(margin_over_baseline(score))
 
 
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else float(value)
 
 
+def _optional(row: Mapping[str, Any], key: str) -> float | None:
+    return None if row.get(key) is None else float(row[key])
+
+
+def margin_over_baseline(score: ModalityScore) -> float | None:
+    """Validation PSNR gain beyond ``bicubic+consistency`` on one cell (None when not measured)."""
+    if score.val_gain_db is None or score.val_baseline_gain_db is None:
+        return None
+    return score.val_gain_db - score.val_baseline_gain_db
+
+
+BASELINE = "bicubic+consistency"  # what eligibility is judged against (medsr.benchmark.CONSISTENCY_BASELINE)
+REFERENCES = ("bicubic", BASELINE)  # benchmark rows that are baselines, not candidates
+
+
 def candidates_from_benchmark(report: Mapping[str, Any], scale: int, data_version: str) -> list[Candidate]:
-    """Every trained model of ``metrics/benchmark.json`` at ``scale`` (bicubic is the reference, not a candidate)."""
+    """Every trained model of ``metrics/benchmark.json`` at ``scale`` (the baselines are references, not candidates).
+
+    Raises RegistryError when the report has no ``bicubic+consistency`` rows (a benchmark from before
+    the baseline existed): eligibility cannot be judged against it.
+    """
+    rows = [r for r in report.get("results", []) if int(r["scale"]) == int(scale) and r["modality"] != "all"]
+    if rows and not any(r["model"] == BASELINE for r in rows):
+        raise RegistryError(f"metrics/benchmark.json has no {BASELINE} rows at x{scale}: models are judged against "
+                            "that baseline; rerun the benchmark (`dvc repro benchmark`)")
     by_model: dict[str, dict[str, ModalityScore]] = {}
-    for row in report.get("results", []):
-        if int(row["scale"]) != int(scale) or row["model"] == "bicubic" or row["modality"] == "all":
+    for row in rows:
+        if row["model"] in REFERENCES:
             continue
         by_model.setdefault(row["model"], {})[cell_name(row.get("track", "clean"), row["modality"])] = ModalityScore(
             psnr=float(row["psnr"]), ssim=float(row["ssim"]), bicubic_psnr=float(row["bicubic_psnr"]),
             bicubic_ssim=float(row["bicubic_ssim"]), images=int(row.get("images", 0)),
-            val_gain_db=None if row.get("val_gain_db") is None else float(row["val_gain_db"]),
-            val_ssim_gain=None if row.get("val_ssim_gain") is None else float(row["val_ssim_gain"]),
-            val_images=int(row.get("val_images") or 0))
+            val_gain_db=_optional(row, "val_gain_db"), val_ssim_gain=_optional(row, "val_ssim_gain"),
+            val_images=int(row.get("val_images") or 0), network_gain_db=_optional(row, "network_gain_db"),
+            val_network_gain_db=_optional(row, "val_network_gain_db"),
+            val_baseline_gain_db=_optional(row, "val_baseline_gain_db"),
+            val_baseline_ssim_gain=_optional(row, "val_baseline_ssim_gain"))
     details = report.get("models", {})
     return [Candidate(model, int(scale), Scores(per_modality, data_version, "benchmark"),
                       dict(details.get(model, {}).get(f"x{scale}", {})))
@@ -302,20 +337,25 @@ SSIM_ROUNDING = 1e-4
 
 
 def is_eligible(candidate: Candidate, max_modality_loss_db: float = 0.0) -> bool:
-    """Beats bicubic on every validation cell (track x modality).
+    """Beats ``bicubic+consistency`` on every validation cell (track x modality).
 
-    At the default ``max_modality_loss_db`` 0: PSNR gain strictly positive and SSIM no worse (up to
-    the benchmark's rounding). With a tolerance: PSNR gain at least ``-max_modality_loss_db``,
-    SSIM not judged. Cells with no validation images are not judged (tuning on test is not
-    allowed); at least one cell must have some.
+    Both sides carry the consistency step, so a model whose gain over bicubic is the step's alone
+    ties the baseline and is refused. At the default ``max_modality_loss_db`` 0: PSNR gain over
+    the baseline strictly positive and SSIM no worse than the baseline's (up to the benchmark's
+    rounding). With a tolerance: PSNR at least ``-max_modality_loss_db`` below the baseline, SSIM
+    not judged. Cells with no validation images are not judged (tuning on test is not allowed); at
+    least one cell must have some. A judged cell without the baseline's numbers is not eligible.
     """
     judged = [s for s in candidate.scores.per_modality.values() if s.val_images > 0]
 
     def beats(s: ModalityScore) -> bool:
-        gain = _or_nan(s.val_gain_db)
+        margin = margin_over_baseline(s)
+        if margin is None:
+            return False
         if max_modality_loss_db != 0:
-            return gain >= -max_modality_loss_db
-        return gain > 0 and _or_nan(s.val_ssim_gain if s.val_ssim_gain is not None else 0.0) >= -SSIM_ROUNDING
+            return margin >= -max_modality_loss_db
+        ssim_margin = _or_nan(s.val_ssim_gain if s.val_ssim_gain is not None else 0.0) - _or_nan(s.val_baseline_ssim_gain)
+        return margin > 0 and ssim_margin >= -SSIM_ROUNDING
 
     return bool(judged) and all(beats(s) for s in judged)
 
@@ -330,12 +370,14 @@ def choose_best(candidates: Sequence[Candidate], max_modality_loss_db: float = 0
     if ranked:
         best = ranked[0]
         return best, (f"{best.model}: best mean validation gain over bicubic across tracks and modalities "
-                      f"({best.mean_val_gain_db:+.3f} dB) among {len(ranked)} eligible of {len(candidates)}")
+                      f"({best.mean_val_gain_db:+.3f} dB) among {len(ranked)} of {len(candidates)} that beat "
+                      f"{BASELINE} on every validation cell")
     if not candidates:
         return None, "no trained model in the benchmark"
-    worst = [f"{c.model} ({c.worst_val_modality()[0]} {c.worst_val_modality()[1]:+.2f} dB)" for c in candidates]
-    bar = ("better than bicubic" if max_modality_loss_db == 0
-           else f"within {max_modality_loss_db:g} dB of bicubic")
+    worst = [f"{c.model} ({c.worst_val_modality()[0]} {c.worst_val_modality()[1]:+.2f} dB vs {BASELINE})"
+             for c in candidates]
+    bar = (f"better than {BASELINE}" if max_modality_loss_db == 0
+           else f"within {max_modality_loss_db:g} dB of {BASELINE}")
     return None, (f"no model is {bar} on every track and modality of the validation split "
                   "(registry.max_modality_loss_db): " + ", ".join(worst))
 
@@ -347,13 +389,14 @@ def scores_from_tags(tags: Mapping[str, str]) -> Scores | None:
                   if key.startswith("test.") and key.endswith(".psnr") and "/" in key}
     try:
         for m in sorted(modalities):
-            val_gain = tags.get(f"val.{m}.gain_db")
-            val_ssim = tags.get(f"val.{m}.ssim_gain")
             per_modality[m] = ModalityScore(
                 psnr=float(tags[f"test.{m}.psnr"]), ssim=float(tags[f"test.{m}.ssim"]),
                 bicubic_psnr=float(tags[f"test.{m}.bicubic_psnr"]), bicubic_ssim=float(tags[f"test.{m}.bicubic_ssim"]),
-                images=int(tags.get(f"test.{m}.images", 0)), val_gain_db=None if val_gain is None else float(val_gain),
-                val_ssim_gain=None if val_ssim is None else float(val_ssim))
+                images=int(tags.get(f"test.{m}.images", 0)), val_gain_db=_optional(tags, f"val.{m}.gain_db"),
+                val_ssim_gain=_optional(tags, f"val.{m}.ssim_gain"),
+                network_gain_db=_optional(tags, f"test.{m}.network_gain_db"),
+                val_network_gain_db=_optional(tags, f"val.{m}.network_gain_db"),
+                val_baseline_gain_db=_optional(tags, f"val.{m}.baseline_gain_db"))
     except (KeyError, ValueError):
         return None
     return Scores(per_modality, tags.get("data_version", "unknown"), "tags") if per_modality else None
@@ -460,10 +503,12 @@ def _score_tags(scores: Scores) -> dict[str, str]:
         tags.update({f"test.{m}.psnr": _fmt(s.psnr), f"test.{m}.ssim": _fmt(s.ssim), f"test.{m}.gain_db": _fmt(s.gain_db),
                      f"test.{m}.ssim_gain": _fmt(s.ssim_gain), f"test.{m}.bicubic_psnr": _fmt(s.bicubic_psnr),
                      f"test.{m}.bicubic_ssim": _fmt(s.bicubic_ssim), f"test.{m}.images": str(s.images)})
-        if s.val_gain_db is not None:
-            tags[f"val.{m}.gain_db"] = _fmt(s.val_gain_db)
-        if s.val_ssim_gain is not None:
-            tags[f"val.{m}.ssim_gain"] = _fmt(s.val_ssim_gain)
+        for key, value in ((f"val.{m}.gain_db", s.val_gain_db), (f"val.{m}.ssim_gain", s.val_ssim_gain),
+                           (f"test.{m}.network_gain_db", s.network_gain_db),
+                           (f"val.{m}.network_gain_db", s.val_network_gain_db),
+                           (f"val.{m}.baseline_gain_db", s.val_baseline_gain_db)):
+            if value is not None:
+                tags[key] = _fmt(value)
     tags["test.mean_gain_db"] = _fmt(scores.mean_gain_db())
     tags["data_version"] = scores.data_version
     return tags
@@ -545,14 +590,21 @@ def model_card(name: str, version: ModelVersion | None, tags: Mapping[str, str],
              "Research use only: not a medical device, not for diagnosis.", "",
              "## Test split: clean and realistic tracks", "",
              "Held-out whole files (or gap-separated regions of a one-file modality); `clean`: antialiased bicubic "
-             "down only; `realistic`: blur + the modality's noise. Scored with the consistency step.", "",
-             "| track/modality | images | PSNR dB | SSIM | bicubic PSNR | gain dB | SSIM gain | val gain dB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "down only; `realistic`: blur + the modality's noise. `gain`: with the consistency step (as served); "
+             "`network`: the network alone; `val bar`: what bicubic+consistency gains on validation, which `val gain` "
+             "had to beat.", "",
+             "| track/modality | images | PSNR dB | SSIM | bicubic PSNR | gain dB | network dB | SSIM gain | val gain dB "
+             "| val bar dB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def signed(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:+.{digits}f}"
+
     if scores:
         for m, s in sorted(scores.per_modality.items()):
-            val = "-" if s.val_gain_db is None else f"{s.val_gain_db:+.3f}"
             lines.append(f"| {m} | {s.images} | {s.psnr:.3f} | {s.ssim:.4f} | {s.bicubic_psnr:.3f} | {s.gain_db:+.3f} | "
-                         f"{s.ssim_gain:+.4f} | {val} |")
+                         f"{signed(s.network_gain_db)} | {s.ssim_gain:+.4f} | {signed(s.val_gain_db)} | "
+                         f"{signed(s.val_baseline_gain_db)} |")
         lines += ["", f"Mean test gain over bicubic: {scores.mean_gain_db():+.3f} dB; mean validation gain: "
                   f"{tags.get('val.mean_gain_db', '?')} dB."]
     lines += ["", "## Model", "",
@@ -596,6 +648,8 @@ def record_decision(settings: RegistrySettings, decision: Mapping[str, Any], car
             for m, s in (summary.get("per_modality") or {}).items():
                 metrics[f"{role}_{m}_psnr"] = float(s["psnr"])
                 metrics[f"{role}_{m}_gain_db"] = float(s["gain_db"])
+                if s.get("network_gain_db") is not None:  # the network alone, beside the system's gain
+                    metrics[f"{role}_{m}_network_gain_db"] = float(s["network_gain_db"])
         if decision.get("delta_db") is not None:
             metrics["delta_db"] = float(decision["delta_db"])
         if metrics:
@@ -623,6 +677,7 @@ def register_scale(client: MlflowClient, settings: RegistrySettings, scale: int,
     name = settings.name_for(scale)
     best, why = choose_best(candidates_from_benchmark(report, scale, data_version), settings.max_modality_loss_db)
     decision: dict[str, Any] = {"registered_model": name, "scale": scale, "selection": why, "data_version": data_version,
+                                "baseline": BASELINE, "baseline_val": _baseline_cells(report, scale),
                                 "min_gain_db": settings.min_gain_db,
                                 "min_images_per_modality": settings.min_images_per_modality,
                                 # the image keys (hashed ids, no file names) every number of this decision rests on
@@ -678,6 +733,13 @@ def register_scale(client: MlflowClient, settings: RegistrySettings, scale: int,
     for key, value in {"decision": decision["action"], "decision_reason": decision["reason"][:5000], "decision_run_id": run_id}.items():
         client.set_model_version_tag(name, number, key, value)
     return decision
+
+
+def _baseline_cells(report: Mapping[str, Any], scale: int) -> dict[str, dict[str, float]]:
+    """The baseline's validation gains over bicubic per cell: the bar each candidate had to clear."""
+    return {cell_name(r["track"], r["modality"]): {"gain_db": r["gain_db"], "ssim_gain": r["ssim_gain"]}
+            for r in report.get("validation", [])
+            if r["model"] == BASELINE and int(r["scale"]) == int(scale) and r["modality"] != "all"}
 
 
 def register_best(params: Mapping[str, Any], report: Mapping[str, Any], *, train_dir: Path = METRICS_DIR / "train",

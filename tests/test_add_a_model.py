@@ -85,7 +85,7 @@ assert Path("medsr/models/toy.py").resolve() in code_files("toy")  # its own fil
 # 3. It is benchmarked beside bicubic.
 report = benchmark(["toy"], [2], Path("data/pairs"), Path("models"), consistency=ConsistencySettings(),
                    latency_side=32)
-assert {r["model"] for r in report["results"]} == {"bicubic", "toy"}, report["results"]
+assert {r["model"] for r in report["results"]} == {"bicubic", "bicubic+consistency", "toy"}, report["results"]
 assert report["models"]["toy"]["x2"]["params"] == 2 * 2 * 9 + 2 * 2
 print(json.dumps({"trained_steps": result["steps_done"], "rows": len(report["results"])}))
 '''

@@ -158,3 +158,48 @@ def test_noisy_reference_probe_puts_seeded_noise_in_the_hr_and_rebuilds_each_tra
                                                degrade_params=degrade))
     assert np.array_equal(probed[0].lr, deg.degrade_bicubic(probed[0].hr, SCALE))
     assert np.abs(probed[0].hr - probed[2].hr).max() > 0.01  # each image its own noise
+
+
+def test_benchmark_scores_the_consistency_baseline_and_each_networks_own_gain(project: dict[str, object]) -> None:
+    from medsr.benchmark import held_out_images
+    from medsr.consistency import ConsistencySettings, refine
+    from medsr.evaluation import evaluate_images, summarize
+    from medsr.models import build_generator
+    from medsr.training.trainer import predict_image
+
+    report = project["report"]
+    root = project["root"]
+    consistency = ConsistencySettings.from_params(load_params(REPO_ROOT / "params.yaml")["consistency"])
+    for rows in (report["results"], report["validation"]):
+        models = {r["model"] for r in rows}
+        assert models == {"bicubic", "bicubic+consistency", "espcn"}
+        cells = {(r["track"], r["modality"]) for r in rows}
+        for model in models:
+            assert {(r["track"], r["modality"]) for r in rows if r["model"] == model} == cells, model
+    # The baseline is bicubic followed by the served step, scored like any model.
+    bicubic = build_generator("bicubic", SCALE)
+    records = []
+    for track in ("clean", "realistic"):
+        records += evaluate_images(
+            lambda lr: {"bicubic": predict_image(bicubic, lr), "b+c": refine(predict_image(bicubic, lr), lr, SCALE,
+                                                                              consistency)},
+            held_out_images(root / "pairs", "test", SCALE, track, {}), SCALE)
+    expected = {(r["track"], r["modality"]): r["gain_db"] for r in summarize(records) if r["model"] == "b+c"}
+    baseline = {(r["track"], r["modality"]): r for r in report["results"] if r["model"] == "bicubic+consistency"}
+    assert any(g != 0 for g in expected.values())  # the step moves these (smooth) images, if only slightly
+    for cell, gain in expected.items():
+        assert baseline[cell]["gain_db"] == pytest.approx(gain, abs=1e-4), cell
+        assert baseline[cell]["network_gain_db"] == 0.0
+    # Each model row: the system's gain, the network's own (the ablation row), and the baseline's beside them.
+    ablation = {(r["split"], r["track"], r["modality"]): r for r in report["ablation"] if r["model"] == "espcn"}
+    for split, rows in (("test", report["results"]), ("val", report["validation"])):
+        for r in (r for r in rows if r["model"] == "espcn"):
+            alone = ablation[(split, r["track"], r["modality"])]
+            assert r["network_gain_db"] == alone["gain_db"] and r["consistency"] and not alone["consistency"]
+            assert r["baseline_gain_db"] == baseline_row_gain(rows, r)
+    assert any(r["gain_db"] != r["network_gain_db"] for r in report["results"] if r["model"] == "espcn")
+
+
+def baseline_row_gain(rows: list[dict[str, object]], row: dict[str, object]) -> object:
+    return next(r["gain_db"] for r in rows if r["model"] == "bicubic+consistency"
+                and (r["track"], r["modality"]) == (row["track"], row["modality"]))

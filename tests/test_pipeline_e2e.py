@@ -80,10 +80,13 @@ def test_repro_writes_data_models_and_benchmark(reproduced: Path) -> None:
     assert (reproduced / "reports/validation.html").is_file()
     report = json.loads((reproduced / "metrics/benchmark.json").read_text())
     models = {r["model"] for r in report["results"]}
-    assert models == {"bicubic", "espcn", "srgan", "swift_srgan", "brainsr", "blimsr", "residual_cnn"}
+    assert models == {"bicubic", "bicubic+consistency", "espcn", "srgan", "swift_srgan", "brainsr", "blimsr",
+                      "residual_cnn"}
     for row in report["results"]:
         assert row["modality"] in {"xray", "ct", "mri", "all"} and row["images"] > 0
         assert 10.0 < row["psnr"] < 100.0 and 0.0 < row["ssim"] <= 1.0
+        # Every row carries the network's own gain beside the system's (the baselines' network is bicubic).
+        assert row["network_gain_db"] is not None and row["baseline_gain_db"] is not None
     assert report["models"]["espcn"]["x4"]["params"] == 61_840
     for name in ("espcn", "blimsr"):
         train = json.loads((reproduced / f"metrics/train/{name}.json").read_text())

@@ -120,10 +120,13 @@ def params(**registry: Any) -> dict[str, Any]:
             "registry": {**loaded["registry"], **registry}}
 
 
-def report(store: Store, gains: dict[str, dict[str, tuple[float, float]]]) -> dict[str, Any]:
-    """A benchmark report: per model and modality (test gain dB, validation gain dB) over the real bicubic."""
+def report(store: Store, gains: dict[str, dict[str, tuple[float, float]]], baseline_gain: float = 0.0) -> dict[str, Any]:
+    """A benchmark report: per model and modality (test gain dB, validation gain dB) over the real bicubic;
+    the bicubic+consistency baseline gains ``baseline_gain`` on every cell."""
     rows = []
-    for model, per_modality in {"bicubic": {m: (0.0, 0.0) for m in MODALITIES}, **gains}.items():
+    references = {"bicubic": {m: (0.0, 0.0) for m in MODALITIES},
+                  "bicubic+consistency": {m: (baseline_gain, baseline_gain) for m in MODALITIES}}
+    for model, per_modality in {**references, **gains}.items():
         for key, (test_gain, val_gain) in per_modality.items():
             # A gain given per modality holds on both tracks; "track/modality" keys set one cell.
             for track in ([key.split("/")[0]] if "/" in key else TRACKS):
@@ -133,6 +136,8 @@ def report(store: Store, gains: dict[str, dict[str, tuple[float, float]]]) -> di
                              "psnr": bicubic_psnr + test_gain, "ssim": bicubic_ssim + test_gain / 100,
                              "bicubic_psnr": bicubic_psnr, "bicubic_ssim": bicubic_ssim, "gain_db": test_gain,
                              "ssim_gain": test_gain / 100, "val_gain_db": val_gain, "val_ssim_gain": val_gain / 100,
+                             "network_gain_db": test_gain, "val_network_gain_db": val_gain,
+                             "val_baseline_gain_db": baseline_gain, "val_baseline_ssim_gain": baseline_gain / 100,
                              "val_images": 2})
     models = {m: {f"x{SCALE}": {"params": 1234, "macs_per_output_mpixel": 5.0e8, "cpu_latency_ms_256": 3.5,
                                 "trained_steps": 12, "best_val_psnr": 31.0, "feature_loss": "none"}} for m in gains}
@@ -184,7 +189,7 @@ def test_best_eligible_model_is_registered_as_champion_with_tags_card_and_decisi
 
     assert decision["action"] == "promoted" and decision["model"] == "espcn" and decision["version"] == "1"
     assert "no champion yet" in decision["reason"]
-    assert decision["selection"].startswith("espcn") and "1 eligible of 2" in decision["selection"]
+    assert decision["selection"].startswith("espcn") and "1 of 2 that beat bicubic+consistency" in decision["selection"]
     mlflow_client = client()
     champion = mlflow_client.get_model_version_by_alias(NAME, "champion")
     assert str(champion.version) == "1" and champion.run_id == store.runs[0].run_id
@@ -272,7 +277,7 @@ def test_no_model_better_than_bicubic_everywhere_registers_nothing(store: Store,
     gains = {"ct": (0.3, 0.3), "clean/mri": (0.1, 0.2), "realistic/mri": (0.1, -0.05), "xray": (0.2, 0.2)}
     decision = register(store, {"espcn": gains}, {"espcn": store.runs[0]})
     assert decision["action"] == "none" and decision["version"] is None
-    assert "espcn (realistic/mri -0.05 dB)" in decision["reason"]
+    assert "espcn (realistic/mri -0.05 dB vs bicubic+consistency)" in decision["reason"]
     assert client().search_model_versions(f"name='{NAME}'") == []
     assert client().get_run(decision["decision_run_id"]).data.tags["decision"] == "none"
     # The tolerance is a parameter: within 0.1 dB of bicubic counts as not worse.

@@ -1,0 +1,166 @@
+"""Results tables from ``metrics/benchmark.json``: one layout for the terminal and for markdown.
+
+Each table is one scale and one track of one split, so it stays readable at 80 columns. A cell
+is ``system / network``: the gain over bicubic in PSNR dB of the model with the consistency step
+(what is served) and of the network alone. ``bicubic`` shows its PSNR; ``bicubic+consistency``
+(the free baseline) shows its gain, so what a model adds is its system gain minus that row's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+BASELINE_ROWS = ("bicubic", "bicubic+consistency")
+
+
+@dataclass(frozen=True)
+class ResultsTable:
+    """One scale and track of one split: a title, column names and rows of strings."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+
+def _cells(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    modalities = sorted({r["modality"] for r in rows if r["modality"] != "all"})
+    return [*modalities, "all"] if any(r["modality"] == "all" for r in rows) else modalities
+
+
+def _value(row: Mapping[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    if row["model"] == "bicubic":
+        return f"{row['psnr']:.2f} dB"
+    if row["model"] == "bicubic+consistency":
+        return f"{row['gain_db']:+.2f}"
+    network = row.get("network_gain_db")
+    return f"{row['gain_db']:+.2f} / " + ("-" if network is None else f"{network:+.2f}")
+
+
+def results_tables(report: Mapping[str, Any], split: str = "test") -> list[ResultsTable]:
+    """Tables of ``report``'s ``results`` (split ``test``) or ``validation`` rows, per scale and track;
+    each model's parameter count at that scale stands beside its name."""
+    rows = report.get("results" if split == "test" else "validation", [])
+    tables = []
+    for scale in sorted({int(r["scale"]) for r in rows}):
+        for track in dict.fromkeys(r["track"] for r in rows if int(r["scale"]) == scale):
+            chosen = [r for r in rows if int(r["scale"]) == scale and r["track"] == track]
+            cells = _cells(chosen)
+            sizes = model_sizes(report, scale)
+            by_key = {(r["model"], r["modality"]): r for r in chosen}
+            n = [next((f"{r['images']}/{r['files']}" for r in chosen if r["modality"] == c), "-") for c in cells]
+            body = [["n (images/files)", *n]]
+            for model in dict.fromkeys(r["model"] for r in chosen):
+                label = f"{model} ({sizes[model]})" if model in sizes else model
+                body.append([label, *(_value(by_key.get((model, c))) for c in cells)])
+            tables.append(ResultsTable(
+                title=f"{split}, x{scale}, {track} track: gain over bicubic in dB, with consistency step / network alone",
+                columns=["model", *cells], rows=body))
+    return tables
+
+
+def model_sizes(report: Mapping[str, Any], scale: int) -> dict[str, str]:
+    """Model name -> its parameter count at ``scale`` as benchmarked (e.g. ``"163k"``)."""
+    out = {}
+    for name, per_scale in (report.get("models") or {}).items():
+        params = (per_scale.get(f"x{scale}") or {}).get("params")
+        if name not in BASELINE_ROWS and params:
+            out[name] = f"{params / 1e6:.2f}M" if params >= 1e6 else f"{params / 1e3:.0f}k"
+    return out
+
+
+def markdown(tables: Sequence[ResultsTable]) -> str:
+    """The tables as GitHub markdown, each under its title."""
+    parts = []
+    for table in tables:
+        lines = [f"**{table.title}**", "", "| " + " | ".join(table.columns) + " |",
+                 "| --- |" + " ---: |" * (len(table.columns) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+@dataclass(frozen=True)
+class LearningCheck:
+    """Did one (model, scale) learn, and does it beat the free baseline? Validation split only.
+
+    ``network_mean_db``: the network alone, mean gain over bicubic over the modalities of both
+    tracks; ``system_mean_db`` / ``baseline_mean_db``: per track, the mean gain over the
+    modalities with the consistency step, for the model and for ``bicubic+consistency``.
+    """
+
+    model: str
+    scale: int
+    params: int | None
+    size: str
+    network_mean_db: float
+    system_mean_db: dict[str, float]
+    baseline_mean_db: dict[str, float]
+
+    @property
+    def learned(self) -> bool:
+        return self.network_mean_db > 0
+
+    @property
+    def beats_baseline(self) -> bool:
+        return all(self.system_mean_db[t] > self.baseline_mean_db[t] for t in self.system_mean_db)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _size(options: Mapping[str, Any] | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted((options or {}).items())) or "defaults"
+
+
+def learning_checks(report: Mapping[str, Any]) -> list[LearningCheck]:
+    """One :class:`LearningCheck` per trained model and scale of ``report`` (benchmark.json)."""
+    rows = [r for r in report.get("validation", []) if r["modality"] != "all"]
+    checks = []
+    for scale in sorted({int(r["scale"]) for r in rows}):
+        at_scale = [r for r in rows if int(r["scale"]) == scale]
+        tracks = list(dict.fromkeys(r["track"] for r in at_scale))
+
+        def means(model: str, key: str, chosen: Sequence[str]) -> list[float]:
+            return [r[key] for r in at_scale if r["model"] == model and r["track"] in chosen]
+
+        for model in dict.fromkeys(r["model"] for r in at_scale if r["model"] not in BASELINE_ROWS):
+            details = (report.get("models") or {}).get(model, {}).get(f"x{scale}", {})
+            checks.append(LearningCheck(
+                model=model, scale=scale, params=details.get("params"), size=_size(details.get("model_options")),
+                network_mean_db=_mean(means(model, "network_gain_db", tracks)),
+                system_mean_db={t: _mean(means(model, "gain_db", [t])) for t in tracks},
+                baseline_mean_db={t: _mean(means("bicubic+consistency", "gain_db", [t])) for t in tracks}))
+    return checks
+
+
+def learning_table(checks: Sequence[LearningCheck]) -> ResultsTable:
+    """The checks as one table: size, the network's own mean gain, each track's system mean beside the baseline's."""
+    tracks = list(checks[0].system_mean_db) if checks else []
+    rows = []
+    for c in checks:
+        params = "-" if c.params is None else (f"{c.params / 1e6:.2f}M" if c.params >= 1e6 else f"{c.params / 1e3:.0f}k")
+        rows.append([f"{c.model} x{c.scale}", c.size, params, f"{c.network_mean_db:+.2f}",
+                     *(f"{c.system_mean_db[t]:+.2f} vs {c.baseline_mean_db[t]:+.2f}" for t in tracks),
+                     "yes" if c.learned else "no", "yes" if c.beats_baseline else "no"])
+    return ResultsTable(
+        title="validation: what each network learned (mean gain over bicubic, dB, over the modalities)",
+        columns=["model", "size trained", "params", "network alone (both tracks)",
+                 *(f"{t}: system vs bicubic+consistency" for t in tracks), "learned", "beats baseline"],
+        rows=rows)
+
+
+def results_document(report: Mapping[str, Any]) -> str:
+    """``docs/results.md``: the learning check, then the test and validation tables (markdown)."""
+    head = ("# Results\n\nGenerated by `medsr report` from `metrics/benchmark.json` (the last `dvc repro`). "
+            "Gains are over bicubic in PSNR dB; a model cell is `with consistency step / network alone`; "
+            "`bicubic+consistency` is bicubic followed by the same step, which any image gets for free: what a "
+            "model adds is its gain minus that row's. n = images / source files. Models are selected on "
+            "validation; test is reported once.\n\n")
+    return (head + markdown([learning_table(learning_checks(report))]) + "\n## Test split\n\n"
+            + markdown(results_tables(report, "test")) + "\n## Validation split\n\n"
+            + markdown(results_tables(report, "val")))
