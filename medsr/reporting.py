@@ -130,6 +130,7 @@ def learning_checks(report: Mapping[str, Any]) -> list[LearningCheck]:
 
         for model in dict.fromkeys(r["model"] for r in at_scale if r["model"] not in BASELINE_ROWS):
             details = (report.get("models") or {}).get(model, {}).get(f"x{scale}", {})
+            # Mean over the modalities of the tracks, each cell weighing the same (as the registry's mean).
             checks.append(LearningCheck(
                 model=model, scale=scale, params=details.get("params"), size=_size(details.get("model_options")),
                 network_mean_db=_mean(means(model, "network_gain_db", tracks)),
@@ -138,20 +139,28 @@ def learning_checks(report: Mapping[str, Any]) -> list[LearningCheck]:
     return checks
 
 
+def _params(count: int | None) -> str:
+    if count is None:
+        return "-"
+    return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}k"
+
+
 def learning_table(checks: Sequence[LearningCheck]) -> ResultsTable:
-    """The checks as one table: size, the network's own mean gain, each track's system mean beside the baseline's."""
+    """The checks as one narrow table: the network's own mean gain, then per track the system's mean
+    over the baseline's (``system/baseline``), and the two verdicts."""
     tracks = list(checks[0].system_mean_db) if checks else []
-    rows = []
-    for c in checks:
-        params = "-" if c.params is None else (f"{c.params / 1e6:.2f}M" if c.params >= 1e6 else f"{c.params / 1e3:.0f}k")
-        rows.append([f"{c.model} x{c.scale}", c.size, params, f"{c.network_mean_db:+.2f}",
-                     *(f"{c.system_mean_db[t]:+.2f} vs {c.baseline_mean_db[t]:+.2f}" for t in tracks),
-                     "yes" if c.learned else "no", "yes" if c.beats_baseline else "no"])
+    rows = [[f"{c.model} x{c.scale}", _params(c.params), f"{c.network_mean_db:+.2f}",
+             *(f"{c.system_mean_db[t]:+.2f}/{c.baseline_mean_db[t]:+.2f}" for t in tracks),
+             "yes" if c.learned else "no", "yes" if c.beats_baseline else "no"] for c in checks]
     return ResultsTable(
-        title="validation: what each network learned (mean gain over bicubic, dB, over the modalities)",
-        columns=["model", "size trained", "params", "network alone (both tracks)",
-                 *(f"{t}: system vs bicubic+consistency" for t in tracks), "learned", "beats baseline"],
-        rows=rows)
+        title="validation, mean over modalities (dB): network alone; per track, system/bicubic+consistency",
+        columns=["model", "params", "alone", *tracks, "learned", "beats b+c"], rows=rows)
+
+
+def sizes_table(checks: Sequence[LearningCheck]) -> ResultsTable:
+    """What size of each architecture was trained (model options over the architecture's defaults)."""
+    return ResultsTable(title="size trained", columns=["model", "model options", "params"],
+                        rows=[[f"{c.model} x{c.scale}", c.size, _params(c.params)] for c in checks])
 
 
 def results_document(report: Mapping[str, Any]) -> str:
@@ -161,6 +170,7 @@ def results_document(report: Mapping[str, Any]) -> str:
             "`bicubic+consistency` is bicubic followed by the same step, which any image gets for free: what a "
             "model adds is its gain minus that row's. n = images / source files. Models are selected on "
             "validation; test is reported once.\n\n")
-    return (head + markdown([learning_table(learning_checks(report))]) + "\n## Test split\n\n"
+    checks = learning_checks(report)
+    return (head + markdown([learning_table(checks), sizes_table(checks)]) + "\n## Test split\n\n"
             + markdown(results_tables(report, "test")) + "\n## Validation split\n\n"
             + markdown(results_tables(report, "val")))

@@ -376,3 +376,27 @@ def test_profile_may_size_one_model_and_that_wins() -> None:
     assert (srgan.steps, srgan.batch_size) == (160, 16)
     assert srgan.model_options == {"n_feats": 32, "n_blocks": 4}  # merged key by key
     assert TrainConfig.from_params(params, "espcn", 2, profile="sample").steps == 300
+
+
+def test_clean_fraction_replaces_that_share_of_lrs_by_the_clean_degradation_of_the_same_patches(tmp_path: Path) -> None:
+    from medsr.degradations import degrade_bicubic
+
+    root = write_pair_sets(tmp_path, 2, hr_size=32, count=6, kinds=("blind",))  # "blind" LRs carry noise here
+
+    def batch(fraction: float, step: int) -> dict[str, Any]:
+        return PatchBatches(root, kind="blind", target_scale=2, batch_size=32, lr_patch=8, seed=3, first_step=1,
+                            last_step=4, total_steps=4, augment=False, clean_fraction=fraction).batch(step)
+
+    for step in (1, 2):
+        noisy, half, clean = batch(0.0, step), batch(0.5, step), batch(1.0, step)
+        # The same patches whatever the fraction (its draws have their own stream): only LRs change.
+        assert torch.equal(noisy["hr"], half["hr"]) and torch.equal(noisy["hr"], clean["hr"])
+        expected = torch.stack([torch.from_numpy(degrade_bicubic(hr.numpy(), 2)) for hr in clean["hr"]])
+        assert torch.equal(clean["lr"], expected)
+        replaced = [not torch.equal(a, b) for a, b in zip(half["lr"], noisy["lr"], strict=True)]
+        assert 8 <= sum(replaced) <= 24  # about half of 32
+        for i, was_replaced in enumerate(replaced):
+            assert torch.equal(half["lr"][i], expected[i] if was_replaced else noisy["lr"][i])
+        assert torch.equal(batch(0.5, step)["lr"], half["lr"])  # a pure function of (seed, step)
+    with pytest.raises(ValueError, match="clean_fraction"):
+        TrainConfig(model="espcn", scale=2, clean_fraction=1.5)

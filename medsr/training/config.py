@@ -87,6 +87,10 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA; never on CPU
     augment: bool = True  # random flips and 90-degree rotations of training patches
     blind_fraction: float = 1.0  # blind-trained models: share of blind pairs, the rest standard
+    # Share of training patches whose LR is replaced by the clean degradation of their HR patch
+    # (antialiased bicubic alone, the clean track's operator): a clean-heavier mix than the pair
+    # set's own degrade.train_range.clean_fraction, for one model without re-degrading everyone's pairs.
+    clean_fraction: float = 0.0
     # The pair set trained on (standard, blind or ssl); None: the model's own (ModelSpec.training_pairs).
     training_pairs: str | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
@@ -133,6 +137,8 @@ class TrainConfig:
             if self.training_pairs not in TRAINING_PAIRS:
                 raise ValueError(f"train.training_pairs must be {', '.join(TRAINING_PAIRS)} or null, "
                                  f"got {self.training_pairs!r}")
+        if not 0.0 <= self.clean_fraction <= 1.0:
+            raise ValueError(f"train.clean_fraction must be in [0, 1], got {self.clean_fraction}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         unknown = set(self.loss) - LOSS_KEYS

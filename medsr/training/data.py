@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from medsr.data.pairs import PairSet
+from medsr.degradations import degrade_bicubic
 from medsr.models.architectures import Curriculum
 
 
@@ -50,6 +51,9 @@ def validation_tracks(pairs_root: str | Path, scale: int, split: str = "val") ->
     return {"standard": pair_set_path(pairs_root, split, scale, "standard")}
 
 
+CLEAN_STREAM = 1  # the seed suffix of the draws that pick which patches get a clean LR
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """What step ``k`` trains on."""
@@ -63,7 +67,7 @@ class PatchBatches(IterableDataset):
 
     def __init__(self, pairs_root: str | Path, *, kind: str, target_scale: int, batch_size: int, lr_patch: int,
                  seed: int, first_step: int, last_step: int, total_steps: int, augment: bool = True,
-                 curriculum: Curriculum | None = None, blind_fraction: float = 1.0,
+                 curriculum: Curriculum | None = None, blind_fraction: float = 1.0, clean_fraction: float = 0.0,
                  rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
@@ -84,6 +88,9 @@ class PatchBatches(IterableDataset):
         if not 0.0 <= blind_fraction <= 1.0:
             raise ValueError(f"blind_fraction must be in [0, 1], got {blind_fraction}")
         self.blind_fraction = blind_fraction
+        if not 0.0 <= clean_fraction <= 1.0:
+            raise ValueError(f"clean_fraction must be in [0, 1], got {clean_fraction}")
+        self.clean_fraction = clean_fraction
         # The curriculum trains on standard and blind pairs at x2 and at the target scale; a
         # blind-trained model may mix in standard pairs so its blind range covers the mild end too.
         if curriculum is None and kind == "blind" and blind_fraction < 1.0:
@@ -135,6 +142,8 @@ class PatchBatches(IterableDataset):
         it: the random draws of sample ``i`` follow those of samples ``0..i-1`` in one generator,
         and a patch costs little next to the step that trains on it."""
         rng = np.random.default_rng([self.seed, step])
+        # Its own stream: the patches drawn are the same whatever clean_fraction is; only their LR changes.
+        clean = np.random.default_rng([self.seed, step, CLEAN_STREAM]).random(self.batch_size) < self.clean_fraction
         plan = self.plan(step)
         lr_batch, hr_batch = [], []
         blind_count = 0
@@ -145,6 +154,8 @@ class PatchBatches(IterableDataset):
             blind_count += kind == "blind"
             pairs, eligible = self.sources[(plan.scale, kind)], self.eligible[(plan.scale, kind)]
             lr, hr = pairs.patch(eligible[int(rng.integers(len(eligible)))], self.lr_patch, rng)
+            if clean[len(lr_batch)]:
+                lr = degrade_bicubic(np.ascontiguousarray(hr), plan.scale)  # the clean track's operator, on the patch
             if self.augment:
                 turns, flip = int(rng.integers(4)), bool(rng.integers(2))
                 lr, hr = np.rot90(lr, turns, axes=(1, 2)), np.rot90(hr, turns, axes=(1, 2))

@@ -604,7 +604,8 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
                                batch_size=config.batch_size, lr_patch=config.lr_patch, seed=config.seed,
                                first_step=start + 1, last_step=stop, total_steps=config.steps,
                                augment=config.augment, curriculum=run.curriculum,
-                               blind_fraction=config.blind_fraction, rank=run.ctx.rank,
+                               blind_fraction=config.blind_fraction, clean_fraction=config.clean_fraction,
+                               rank=run.ctx.rank,
                                world_size=run.ctx.world_size)
         # forkserver, not fork: a forked worker inherits every thread and handler of its parent (a
         # Prefect server's event loop, MLflow's and logging's background threads) and died with
