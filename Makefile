@@ -29,6 +29,7 @@ venv: $(STAMP)
 run: venv
 	dvc repro
 	medsr summary
+	medsr report
 	medsr registry champions
 
 # scripts/test-deps.sh installs Chromium and dcmtk when missing and runs the suite beside a
