@@ -131,12 +131,13 @@ def benchmark(params: Path = ParamsOption) -> None:
 def print_results() -> None:
     """Per scale and track: each model's test gain over bicubic with the consistency step and alone, with n;
     then what each network learned on validation."""
-    from medsr.reporting import learning_checks, learning_table, results_tables
+    from medsr.reporting import learning_checks, learning_table, results_tables, sizes_table
 
     report = _read_metrics("benchmark")
     if not report:
         return
-    for result in [*results_tables(report, "test"), learning_table(learning_checks(report))]:
+    checks = learning_checks(report)
+    for result in [*results_tables(report, "test"), learning_table(checks), sizes_table(checks)]:
         table = Table(title=result.title)
         for i, column in enumerate(result.columns):
             table.add_column(column, justify="left" if i == 0 else "right")

@@ -115,11 +115,25 @@ def print_review(reviewed: dict[str, dict[str, Any]]) -> None:
             _console().print(f"  note: {entry['note']}", highlight=False, soft_wrap=True)
 
 
+def _last_selection(name: str) -> str:
+    """Why the last `register` stage registered nothing for ``name``, from metrics/register.json, if it says."""
+    from medsr.registry import REGISTER_METRICS
+
+    try:
+        decisions = json.loads(REGISTER_METRICS.read_text()).get("decisions", {})
+    except (OSError, ValueError):
+        decisions = {}
+    decision = next((d for d in decisions.values() if d.get("registered_model") == name), None)
+    if decision and decision.get("action") == "none":
+        return f"the last `register` stage: {decision.get('selection', '')}"
+    return "run `dvc repro`, or `medsr registry review`"
+
+
 def print_champions(found: dict[str, Any]) -> None:
     """One line per scale: the champion and its numbers (the end of ``make run``)."""
     for name, view in found.items():
         if view is None:
-            _console().print(f"{name}: no champion yet (run `dvc repro`, or `medsr registry review`)", highlight=False, soft_wrap=True)
+            _console().print(f"{name}: no champion yet ({_last_selection(name)})", highlight=False, soft_wrap=True)
             continue
         per = ", ".join(f"{m} {s.psnr:.2f} dB ({s.gain_db:+.2f}) SSIM {s.ssim:.3f}"
                         for m, s in sorted(view.scores.per_modality.items())) if view.scores else "no numbers recorded"

@@ -1,7 +1,7 @@
 """Results tables from ``metrics/benchmark.json``: one layout for the terminal and for markdown.
 
 Each table is one scale and one track of one split, so it stays readable at 80 columns. A cell
-is ``system / network``: the gain over bicubic in PSNR dB of the model with the consistency step
+is ``system/network``: the gain over bicubic in PSNR dB of the model with the consistency step
 (what is served) and of the network alone. ``bicubic`` shows its PSNR; ``bicubic+consistency``
 (the free baseline) shows its gain, so what a model adds is its system gain minus that row's.
 """
@@ -37,39 +37,28 @@ def _value(row: Mapping[str, Any] | None) -> str:
     if row["model"] == "bicubic+consistency":
         return f"{row['gain_db']:+.2f}"
     network = row.get("network_gain_db")
-    return f"{row['gain_db']:+.2f} / " + ("-" if network is None else f"{network:+.2f}")
+    return f"{row['gain_db']:+.2f}/" + ("-" if network is None else f"{network:+.2f}")
 
 
 def results_tables(report: Mapping[str, Any], split: str = "test") -> list[ResultsTable]:
-    """Tables of ``report``'s ``results`` (split ``test``) or ``validation`` rows, per scale and track;
-    each model's parameter count at that scale stands beside its name."""
+    """Tables of ``report``'s ``results`` (split ``test``) or ``validation`` rows, per scale and track
+    (each model's size is in :func:`sizes_table`, so a row fits an 80-column log)."""
     rows = report.get("results" if split == "test" else "validation", [])
     tables = []
     for scale in sorted({int(r["scale"]) for r in rows}):
         for track in dict.fromkeys(r["track"] for r in rows if int(r["scale"]) == scale):
             chosen = [r for r in rows if int(r["scale"]) == scale and r["track"] == track]
             cells = _cells(chosen)
-            sizes = model_sizes(report, scale)
             by_key = {(r["model"], r["modality"]): r for r in chosen}
             n = [next((f"{r['images']}/{r['files']}" for r in chosen if r["modality"] == c), "-") for c in cells]
-            body = [["n (images/files)", *n]]
+            body = [["n", *n]]
             for model in dict.fromkeys(r["model"] for r in chosen):
-                label = f"{model} ({sizes[model]})" if model in sizes else model
-                body.append([label, *(_value(by_key.get((model, c))) for c in cells)])
+                body.append([model, *(_value(by_key.get((model, c))) for c in cells)])
             tables.append(ResultsTable(
-                title=f"{split}, x{scale}, {track} track: gain over bicubic in dB, with consistency step / network alone",
+                title=f"{split}, x{scale}, {track} track: gain over bicubic in dB, with consistency step/network alone "
+                      "(n = images/files)",
                 columns=["model", *cells], rows=body))
     return tables
-
-
-def model_sizes(report: Mapping[str, Any], scale: int) -> dict[str, str]:
-    """Model name -> its parameter count at ``scale`` as benchmarked (e.g. ``"163k"``)."""
-    out = {}
-    for name, per_scale in (report.get("models") or {}).items():
-        params = (per_scale.get(f"x{scale}") or {}).get("params")
-        if name not in BASELINE_ROWS and params:
-            out[name] = f"{params / 1e6:.2f}M" if params >= 1e6 else f"{params / 1e3:.0f}k"
-    return out
 
 
 def markdown(tables: Sequence[ResultsTable]) -> str:
@@ -147,14 +136,14 @@ def _params(count: int | None) -> str:
 
 def learning_table(checks: Sequence[LearningCheck]) -> ResultsTable:
     """The checks as one narrow table: the network's own mean gain, then per track the system's mean
-    over the baseline's (``system/baseline``), and the two verdicts."""
+    and the baseline's (``system/baseline``), and the two verdicts (sizes: :func:`sizes_table`)."""
     tracks = list(checks[0].system_mean_db) if checks else []
-    rows = [[f"{c.model} x{c.scale}", _params(c.params), f"{c.network_mean_db:+.2f}",
+    rows = [[f"{c.model} x{c.scale}", f"{c.network_mean_db:+.2f}",
              *(f"{c.system_mean_db[t]:+.2f}/{c.baseline_mean_db[t]:+.2f}" for t in tracks),
              "yes" if c.learned else "no", "yes" if c.beats_baseline else "no"] for c in checks]
     return ResultsTable(
         title="validation, mean over modalities (dB): network alone; per track, system/bicubic+consistency",
-        columns=["model", "params", "alone", *tracks, "learned", "beats b+c"], rows=rows)
+        columns=["model", "alone", *tracks, "learned", "beats b+c"], rows=rows)
 
 
 def sizes_table(checks: Sequence[LearningCheck]) -> ResultsTable:

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from medsr.reporting import learning_checks, learning_table, markdown, results_document, results_tables
+from medsr.reporting import learning_checks, learning_table, markdown, results_document, results_tables, sizes_table
 
 CELLS = [("clean", "mri"), ("clean", "xray"), ("realistic", "mri"), ("realistic", "xray")]
 STEP = {("clean", "mri"): 0.4, ("clean", "xray"): 0.4, ("realistic", "mri"): 0.0, ("realistic", "xray"): 0.0}
@@ -18,15 +18,19 @@ STEP = {("clean", "mri"): 0.4, ("clean", "xray"): 0.4, ("realistic", "mri"): 0.0
 def _rows(model: str, system: dict[tuple[str, str], float], network: dict[tuple[str, str], float],
           split: str = "val", scale: int = 4) -> list[dict[str, Any]]:
     rows = []
-    for track, modality in CELLS:
+    # Test has CT too (one file); validation has none, as on the embedded sample.
+    cells = [*CELLS, ("clean", "ct"), ("realistic", "ct")] if split == "test" else CELLS
+    system = {**system, ("clean", "ct"): system[("clean", "mri")], ("realistic", "ct"): system[("realistic", "mri")]}
+    network = {**network, ("clean", "ct"): network[("clean", "mri")], ("realistic", "ct"): network[("realistic", "mri")]}
+    for track, modality in cells:
         rows.append({"model": model, "split": split, "scale": scale, "track": track, "modality": modality,
                      "images": 6, "files": 1, "psnr": 30.0 + system[(track, modality)], "gain_db": system[(track, modality)],
                      "network_gain_db": network[(track, modality)], "ssim_gain": 0.0})
     for track in ("clean", "realistic"):
-        chosen = [c for c in CELLS if c[0] == track]
+        chosen = [c for c in cells if c[0] == track]
         rows.append({"model": model, "split": split, "scale": scale, "track": track, "modality": "all", "images": 12,
-                     "files": 2, "psnr": 30.0, "gain_db": sum(system[c] for c in chosen) / 2,
-                     "network_gain_db": sum(network[c] for c in chosen) / 2, "ssim_gain": 0.0})
+                     "files": 2, "psnr": 30.0, "gain_db": sum(system[c] for c in chosen) / len(chosen),
+                     "network_gain_db": sum(network[c] for c in chosen) / len(chosen), "ssim_gain": 0.0})
     return rows
 
 
@@ -38,7 +42,10 @@ def _report(split: str = "val") -> dict[str, Any]:
             # Learned: denoises the realistic track, adds beyond the step on the clean one.
             + _rows("espcn", {**STEP, ("clean", "mri"): 0.6, ("realistic", "xray"): 3.0},
                     {("clean", "mri"): 0.6, ("clean", "xray"): -1.0, ("realistic", "mri"): 0.2, ("realistic", "xray"): 3.0},
-                    split))
+                    split)
+            # The longest names the project has, with signed losses in every cell: the widest rows a log shows.
+            + _rows("residual_cnn", dict.fromkeys(STEP, -2.34), dict.fromkeys(STEP, -2.34), split)
+            + _rows("swift_srgan", dict.fromkeys(STEP, -2.34), dict.fromkeys(STEP, -2.34), split))
     models = {"srgan": {"x4": {"params": 162_945, "model_options": {"n_feats": 32, "n_blocks": 4}}},
               "espcn": {"x4": {"params": 61_840, "model_options": {}}}}
     return {"results" if split == "test" else "validation": rows, "models": models}
@@ -46,7 +53,7 @@ def _report(split: str = "val") -> dict[str, Any]:
 
 def test_learning_check_refuses_a_gain_that_is_the_consistency_steps_alone() -> None:
     checks = {c.model: c for c in learning_checks(_report())}
-    assert set(checks) == {"srgan", "espcn"}  # the baselines are not checked
+    assert set(checks) == {"srgan", "espcn", "residual_cnn", "swift_srgan"}  # the baselines are not checked
     assert not checks["srgan"].beats_baseline
     assert checks["srgan"].system_mean_db == checks["srgan"].baseline_mean_db
     assert checks["espcn"].learned and checks["espcn"].beats_baseline
@@ -58,16 +65,17 @@ def test_tables_show_both_numbers_and_the_baseline_row() -> None:
     tables = results_tables(_report("test"), "test")
     assert [t.title.split(":")[0] for t in tables] == ["test, x4, clean track", "test, x4, realistic track"]
     clean = {row[0]: row[1:] for row in tables[0].rows}
-    assert tables[0].columns == ["model", "mri", "xray", "all"]
-    assert clean["bicubic+consistency"] == ["+0.40", "+0.40", "+0.40"]
-    assert clean["espcn (62k)"] == ["+0.60 / +0.60", "+0.40 / -1.00", "+0.50 / -0.20"]
-    assert clean["n (images/files)"] == ["6/1", "6/1", "12/2"]
+    assert tables[0].columns == ["model", "ct", "mri", "xray", "all"]
+    assert clean["bicubic+consistency"] == ["+0.40", "+0.40", "+0.40", "+0.40"]
+    assert clean["espcn"] == ["+0.60/+0.60", "+0.60/+0.60", "+0.40/-1.00", "+0.53/+0.07"]
+    assert clean["n"] == ["6/1", "6/1", "6/1", "12/2"]
     text = markdown(tables)
-    assert "| espcn (62k) | +0.60 / +0.60 |" in text
+    assert "| espcn | +0.60/+0.60 |" in text
 
 
 def test_tables_fit_an_80_column_log_without_cutting_numbers() -> None:
-    for table_data in [*results_tables(_report("test"), "test"), learning_table(learning_checks(_report()))]:
+    checks = learning_checks(_report())
+    for table_data in [*results_tables(_report("test"), "test"), learning_table(checks), sizes_table(checks)]:
         out = io.StringIO()
         console = Console(file=out, width=80, force_terminal=False)
         table = Table(title=table_data.title)
@@ -79,11 +87,13 @@ def test_tables_fit_an_80_column_log_without_cutting_numbers() -> None:
         printed = out.getvalue()
         assert "…" not in printed, printed
         assert max(len(line) for line in printed.splitlines()) <= 80
+        for row in table_data.rows:  # no cell wrapped onto a second line
+            assert all(cell in printed for cell in row), (row, printed)
 
 
 def test_results_document_has_the_learning_check_and_both_splits() -> None:
     report = {**_report("test"), **_report("val")}
     text = results_document(report)
     assert text.startswith("# Results") and "## Test split" in text and "## Validation split" in text
-    assert "| srgan x4 | 163k | +0.01 | +0.40/+0.40 | +0.00/+0.00 | yes | no |" in text
+    assert "| srgan x4 | +0.01 | +0.40/+0.40 | +0.00/+0.00 | yes | no |" in text
     assert "| srgan x4 | n_blocks 4, n_feats 32 | 163k |" in text
