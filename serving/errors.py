@@ -24,7 +24,9 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 
+from serving.jsonlimits import JSONLimitError, JSONLimits, parse_limited
 from serving.metrics import REQUESTS
+from serving.multipart import MultipartScreen, Rejection
 from serving.uploads import InputError
 
 logger = logging.getLogger("bentoml.medsr")
@@ -144,86 +146,20 @@ def normalised_error(status: int, body: bytes, content_type: str) -> tuple[int, 
     return status, error_body(status, text or f"HTTP {status}")
 
 
-Rejection = tuple[int, str, str]
+def _plain_query(raw: bytes) -> str:
+    """A query string's parameter names (never their values: a client's text), "" for none."""
+    from urllib.parse import parse_qsl
 
-_DISPOSITION = re.compile(rb'(?im)^content-disposition:[^\r\n]*')
-_PARAMETER = re.compile(rb'(?i);\s*(name|filename\*?)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\r\n]*)')
-_SAFE_SUFFIX = re.compile(r"(\.[A-Za-z0-9]{1,8}){1,2}$")
-_MAX_PART_HEADER = 16 * 1024
-
-
-def neutral_file_name(name: str) -> str:
-    """``upload`` plus the client's extension (``.dcm``, ``.nii.gz``): the rest of a client's
-    file name can be a patient's name and any length, so it never reaches a path or a log."""
-    suffix = _SAFE_SUFFIX.search(name[-20:])
-    return "upload" + (suffix.group(0).lower() if suffix else "")
+    names = [name for name, _ in parse_qsl(raw.decode("latin-1"), keep_blank_values=True)]
+    if raw and not names:
+        return "(unparsed)"
+    return "&".join(dict.fromkeys(name if re.match(r"^[A-Za-z0-9_.-]{1,40}$", name) else "..." for name in names))
 
 
-class MultipartScreen:
-    """Streams a multipart body through, rewriting each part's header.
-
-    Every ``filename`` becomes :func:`neutral_file_name`; a ``file`` part without a filename (a
-    text field, ``curl -F file=ct.dcm`` without the ``@``) is a :data:`Rejection`. Part headers
-    may straddle chunks, so a chunk's tail that could begin a delimiter or hold an unfinished
-    header is carried into the next one.
-    """
-
-    def __init__(self, boundary: bytes) -> None:
-        self.delimiter = b"--" + boundary
-        self.carry = b""
-        self.rejection: Rejection | None = None
-
-    def feed(self, chunk: bytes, final: bool) -> bytes:
-        data = self.carry + chunk
-        self.carry = b""
-        out: list[bytes] = []
-        position = 0
-        while True:
-            found = data.find(self.delimiter, position)
-            if found < 0:
-                break
-            header_start = found + len(self.delimiter)
-            header_end = data.find(b"\r\n\r\n", header_start)
-            if header_end < 0:
-                if not final and len(data) - found < _MAX_PART_HEADER:
-                    out.append(data[position:found])
-                    self.carry = data[found:]
-                    return b"".join(out)
-                break
-            out.append(data[position:header_start])
-            out.append(self._rewritten(data[header_start:header_end]))
-            position = header_end
-        keep = 0 if final else min(len(data) - position, len(self.delimiter))
-        out.append(data[position:len(data) - keep])
-        self.carry = data[len(data) - keep:]
-        return b"".join(out)
-
-    def _rewritten(self, header: bytes) -> bytes:
-        disposition = _DISPOSITION.search(header)
-        if disposition is None:
-            return header
-        line = disposition.group(0)
-        parameters = {key.lower(): value for key, value in _PARAMETER.findall(line)}
-        name = parameters.get(b"name", b"").strip(b'"')
-        has_file = b"filename" in parameters or b"filename*" in parameters
-        if name == b"file" and not has_file and self.rejection is None:
-            self.rejection = (400, "the `file` field holds text, not a file (sent without a file name)",
-                              "attach the file itself: curl -F file=@ct.dcm (with the @), or "
-                              "requests.post(url, files={'file': open('ct.dcm', 'rb')})")
-        if not has_file:
-            return header
-        original = (parameters.get(b"filename") or parameters.get(b"filename*") or b"").strip(b'"')
-        neutral = neutral_file_name(original.decode("latin-1")).encode()
-        stripped = _PARAMETER.sub(lambda m: b"" if m.group(1).lower().startswith(b"filename") else m.group(0), line)
-        new_line = stripped + b'; filename="' + neutral + b'"'
-        return header[:disposition.start()] + new_line + header[disposition.end():]
-
-
-def _array_output_pixels(body: bytes) -> int | None:
+def _array_output_pixels(payload: Any) -> int | None:
     """Output pixels an /upscale_array body asks for (all images together); None when it is not
     the documented shape (request validation then names the problem)."""
     try:
-        payload = json.loads(body)
         total = 0
         for item in payload["images"]:
             scale = int(item.get("scale", 4))
@@ -233,7 +169,7 @@ def _array_output_pixels(body: bytes) -> int | None:
                 height, width = (int(side) for side in item["shape"])
             total += max(height, 0) * max(width, 0) * scale * scale
         return total
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
         return None
 
 
@@ -259,8 +195,11 @@ class GatewayMiddleware:
     """
 
     def __init__(self, app: Any, max_upload_bytes: int, max_array_output_pixels: int, max_in_flight: int,
-                 computing: int = 0, shed_seconds: float = 0.0) -> None:
+                 computing: int = 0, shed_seconds: float = 0.0, json_limits: JSONLimits | None = None,
+                 form_fields: dict[str, tuple[str, ...]] | None = None) -> None:
         self.app = app
+        self.form_fields = dict(form_fields or {})
+        self.json_limits = json_limits or JSONLimits(max_bytes=int(max_upload_bytes))
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_array_output_pixels = int(max_array_output_pixels)
         self.max_in_flight = int(max_in_flight)
@@ -339,7 +278,8 @@ class GatewayMiddleware:
                 admitted = True
             try:
                 if method == "POST" and path in MULTIPART_ROUTES | JSON_ROUTES:
-                    rejection, receive = await self._screen(path, headers, receive, state)
+                    rejection, receive = await self._screen(path, headers, receive, state,
+                                                           _plain_query(scope.get("query_string", b"")))
                     if rejection is not None:
                         await self._reject(send, rejection, request_id, path, endpoint)
                         return
@@ -358,9 +298,13 @@ class GatewayMiddleware:
         extra = [(b"retry-after", str(retry_after).encode())] if retry_after is not None else None
         await self._send_json(send, status, error_body(status, error, fix), request_id, base_headers=extra)
 
-    async def _screen(self, path: str, headers: dict[str, str], receive: Any, state: dict[str, Any]
-                      ) -> tuple[Rejection | None, Any]:
+    async def _screen(self, path: str, headers: dict[str, str], receive: Any, state: dict[str, Any],
+                      query: str = "") -> tuple[Rejection | None, Any]:
         """Checks done before the app reads the body; returns (rejection, receive to use)."""
+        if query:
+            where = "multipart form fields" if path in MULTIPART_ROUTES else "the JSON body"
+            return (400, f"query parameters are not read by {path} (the URL has ?{'...' if len(query) > 40 else query})",
+                    f"send the options as {where} (e.g. curl -F file=@image.dcm -F scale=2), not in the URL"), receive
         content_type = headers.get("content-type", "")
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
@@ -388,12 +332,14 @@ class GatewayMiddleware:
                 return (400, "malformed multipart body (it does not start with the declared boundary)",
                         "let your HTTP client build the multipart body (curl -F file=@image.dcm, "
                         "requests' files=..., the BentoML client)"), receive
-            screen = MultipartScreen(boundary.group(1).encode("latin-1"))
+            screen = MultipartScreen(boundary.group(1).encode("latin-1"), self.form_fields.get(path), path)
             first = {**first, "body": screen.feed(body, final=not more)}
             if screen.rejection is not None:
                 return screen.rejection, receive
             return None, self._screened(first, receive, screen, state)
-        # JSON: the whole body is read here (bounded by max_upload_bytes) to bound the response.
+        # JSON: the whole body is read here (bounded by max_json_bytes) and parsed with limits
+        # (serving.jsonlimits) before the app sees it, to bound the response and the parse.
+        limit = min(self.max_upload_bytes, self.json_limits.max_bytes)
         chunks, received = [body], len(body)
         while more:
             message = await receive()
@@ -402,11 +348,15 @@ class GatewayMiddleware:
             chunks.append(message.get("body", b""))
             received += len(chunks[-1])
             more = bool(message.get("more_body", False))
-            if received > self.max_upload_bytes:
-                return (413, f"request body too large: over serving.max_upload_bytes = {self.max_upload_bytes} bytes",
-                        "send fewer or smaller images per request, or raise serving.max_upload_bytes"), receive
+            if received > limit:
+                return (413, f"request body too large: over {limit} bytes (serving.max_json_bytes, max_upload_bytes)",
+                        "send fewer or smaller images per request, or use /upscale, which tiles large files"), receive
         whole = b"".join(chunks)
-        wanted = _array_output_pixels(whole)
+        try:
+            payload = parse_limited(whole, self.json_limits)
+        except JSONLimitError as err:
+            return (err.status, err.error, err.fix), receive
+        wanted = _array_output_pixels(payload)
         if wanted is not None and wanted > self.max_array_output_pixels:
             return (413, f"response too large: the results would hold {wanted} pixels, over "
                     f"serving.max_array_output_pixels = {self.max_array_output_pixels}",

@@ -63,6 +63,7 @@ from serving.errors import (
     input_error_response,
     scrubbed,
 )
+from serving.jsonlimits import JSONLimits
 from serving.metrics import CONSISTENCY, INFERENCE_SECONDS, OUTPUT_MEGAPIXELS, observe_phases, server_timing
 from serving.packaging import load_bentoml_generator
 from serving.schemas import AVAILABLE_SCALES, LIMITS, ArrayImage, ArrayResult
@@ -500,6 +501,11 @@ class MedSR:
 MedSR.add_asgi_middleware(GatewayMiddleware, max_upload_bytes=int(SERVING["max_upload_bytes"]),
                           max_array_output_pixels=int(SERVING["max_array_output_pixels"]),
                           max_in_flight=int(SERVING["max_in_flight"]), computing=int(SERVING["threads"]),
-                          shed_seconds=float(SERVING["shed_seconds"]))
+                          shed_seconds=float(SERVING["shed_seconds"]),
+                          json_limits=JSONLimits(max_bytes=int(SERVING["max_json_bytes"]),
+                                                 max_depth=int(SERVING["max_json_depth"]),
+                                                 max_number_chars=int(SERVING["max_json_number_chars"])),
+                          form_fields={f"/{name}": tuple(MedSR.apis[name].input_spec.model_fields)
+                                       for name in ("upscale", "demo")})
 logger.debug("serving params: %s; largest output %s", {k: v for k, v in SERVING.items() if k != "batching"},
              describe_size(int(SERVING["max_output_pixels"])))

@@ -454,6 +454,56 @@ def bad_requests(files: dict[str, Path]) -> dict[str, tuple[dict[str, Any], int,
         "array response too large": (array({"images": [{"data": tile, "shape": [600, 600], "scale": 4}] * 2}),
                                      413, "response too large"),
         "array scale the model lacks": (array({"images": [{"image": [[0.5]], "scale": 8}]}), 422, "scale 8"),
+        **hostile_requests(files),
+    }
+
+
+def raw_multipart(parts: list[tuple[bytes, bytes]], route: str = "/upscale", boundary: bytes = b"medsrb") -> dict[str, Any]:
+    """A multipart request built by hand from (part header, content) pairs (httpx cannot send a
+    part without a name, or an oversize part header)."""
+    body = b"".join(b"--" + boundary + b"\r\n" + head + b"\r\n\r\n" + content + b"\r\n" for head, content in parts)
+    return {"method": "POST", "url": route, "content": body + b"--" + boundary + b"--\r\n",
+            "headers": {"content-type": f"multipart/form-data; boundary={boundary.decode()}"}}
+
+
+def hostile_requests(files: dict[str, Path]) -> dict[str, tuple[dict[str, Any], int, str]]:
+    """Inputs that hung or got a 500 (issue 22): JSON beyond limits, malformed multipart parts."""
+    png = files["png16"].read_bytes()
+    image = b'Content-Disposition: form-data; name="file"; filename="g.png"\r\nContent-Type: image/png'
+
+    def raw_json(body: bytes) -> dict[str, Any]:
+        return {"method": "POST", "url": "/upscale_array", "content": body, "headers": {"content-type": "application/json"}}
+
+    return {
+        "array scale 1e400": (raw_json(b'{"images": [{"image": [[0.5]], "scale": 1e400}]}'), 400, "out of range"),
+        "array pixel 1e400": (raw_json(b'{"images": [{"image": [[1e400]]}]}'), 400, "out of range"),
+        "array JSON nested 50,000 levels": (raw_json(b'{"images": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"), 400, "nested"),
+        "array JSON nested 17 levels": (raw_json(b'{"images": [' + b"[" * 16 + b"]" * 16 + b"]}"), 400, "nested"),
+        "array number of 300 digits": (raw_json(b'{"images": [{"image": [[0.5]], "scale": ' + b"9" * 300 + b"}]}"),
+                                       400, "characters"),
+        "array not UTF-8": (raw_json(b'{"images": "\xff\xfe"}'), 400, "json"),
+        "part named File": ({"method": "POST", "url": "/upscale", "files": {"File": ("g.png", png)}}, 400, "case-sensitive"),
+        "part without a name": (raw_multipart([(b'Content-Disposition: form-data; filename="g.png"', png)]),
+                                400, "no field name"),
+        "part without Content-Disposition": (raw_multipart([(b"Content-Type: image/png", png)]), 400, "no field name"),
+        "part header over 4 KiB": (raw_multipart([(image + b"; x=" + b"a" * 6000, png)]), 400, "header"),
+        "part with 20 header lines": (raw_multipart([(image + b"".join(b"\r\nX-%d: 1" % i for i in range(20)), png)]),
+                                      400, "header lines"),
+        "extra field carrying a file": ({"method": "POST", "url": "/upscale",
+                                         "files": {"file": ("g.png", png), "extra": ("g.png", png)}}, 400, "unknown field"),
+        "scale carrying a file": ({"method": "POST", "url": "/upscale",
+                                   "files": {"file": ("g.png", png), "scale": ("g.png", png)}}, 400, "carries a file"),
+        "scale sent twice": ({"method": "POST", "url": "/upscale", "files": {"file": ("g.png", png)},
+                              "data": {"scale": ["2", "4"]}}, 400, "twice"),
+        "file sent twice": ({"method": "POST", "url": "/upscale", "files": [("file", ("a.png", png)), ("file", ("b.png", png))]},
+                            400, "twice"),
+        "misspelt field": ({"method": "POST", "url": "/upscale", "files": {"file": ("g.png", png)},
+                            "data": {"scael": "2"}}, 400, "unknown field"),
+        "unknown demo field": ({"method": "POST", "url": "/demo", "files": {"file": ("g.png", png)},
+                                "data": {"noize": "0.1"}}, 400, "unknown field"),
+        "query parameter": ({"method": "POST", "url": "/upscale?scale=2", "files": {"file": ("g.png", png)}}, 400, "query"),
+        "query parameter on the array route": ({**raw_json(b'{"images": [{"image": [[0.5]]}]}'),
+                                                "url": "/upscale_array?scale=2"}, 400, "query"),
     }
 
 
@@ -469,6 +519,11 @@ BAD_NAMES = [  # the catalogue's keys, in order (parametrize needs them before t
     "array wrong content type", "array missing images", "array images not a list", "array NaN",
     "array out of range", "array ragged rows", "array image and data", "array bad base64",
     "array data shorter than shape", "array too large", "array response too large", "array scale the model lacks",
+    "array scale 1e400", "array pixel 1e400", "array JSON nested 50,000 levels", "array JSON nested 17 levels",
+    "array number of 300 digits", "array not UTF-8", "part named File", "part without a name",
+    "part without Content-Disposition", "part header over 4 KiB", "part with 20 header lines",
+    "extra field carrying a file", "scale carrying a file", "scale sent twice", "file sent twice", "misspelt field",
+    "unknown demo field", "query parameter", "query parameter on the array route",
 ]
 
 
@@ -476,6 +531,22 @@ BAD_NAMES = [  # the catalogue's keys, in order (parametrize needs them before t
 def test_bad_input_gets_a_named_4xx(client: httpx.Client, files: dict[str, Path], name: str) -> None:
     arguments, status, word = bad_requests(files)[name]
     assert_error(client.request(**arguments), status, word)
+
+
+HANG_NAMES = ["array scale 1e400", "array JSON nested 50,000 levels", "part header over 4 KiB"]
+
+
+@pytest.mark.parametrize("name", HANG_NAMES)
+def test_inputs_that_hung_get_a_4xx_within_one_second(service: ServiceProcess, files: dict[str, Path], name: str) -> None:
+    """Each once left its connection without an answer (or got a 500); a good request follows."""
+    arguments, status, word = bad_requests(files)[name]
+    with httpx.Client(base_url=service.url, timeout=5.0) as http:
+        started = time.monotonic()
+        response = http.request(**arguments)
+        elapsed = time.monotonic() - started
+        assert_error(response, status, word)
+        assert elapsed < 1.0, f"{name}: answered in {elapsed:.2f} s"
+        assert http.post("/upscale_array", json={"images": [{"image": [[0.25, 0.5], [0.75, 1.0]]}]}).status_code == 200
 
 
 def _raw_http(port: int, head: bytes, body_chunks: list[bytes]) -> tuple[int, dict[str, Any]]:
