@@ -85,7 +85,7 @@ def parse_limited(body: bytes, limits: JSONLimits) -> Any:
     depth = nesting_depth(body)
     if depth > limits.max_depth:
         raise JSONLimitError(400, f"JSON nested {depth} levels deep, over the {limits.max_depth} allowed",
-                             'send {"images": [{"image": [[...], ...], "scale": 4}]} (4 levels)')
+                             'send {"images": [{"image": [[...], ...], "scale": 4}]} (5 levels)')
     try:
         return json.loads(body, parse_float=_number_guard(limits.max_number_chars, float),
                           parse_int=_number_guard(limits.max_number_chars, int))
