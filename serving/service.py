@@ -90,7 +90,8 @@ MODEL_SOURCE = str(getattr(ARGUMENTS, "model_source", None) or "mlflow")
 PACKAGED_TAGS: dict[int, str] = {
     int(scale): tag for scale, tag in json.loads(str(getattr(ARGUMENTS, "bento_models", None) or "{}")).items()
 }
-EXPOSED_HEADERS = "X-MedSR-Consistency-PSNR, X-MedSR-Consistency-Warning, X-Request-ID, Server-Timing"
+EXPOSED_HEADERS = ("X-MedSR-Consistency-PSNR, X-MedSR-Consistency-Warning, X-MedSR-Converted, X-Request-ID, "
+                   "Server-Timing")
 
 
 def _refiner() -> Refiner | None:
@@ -348,6 +349,8 @@ class MedSR:
             "Server-Timing": server_timing(timer),
             "Access-Control-Expose-Headers": EXPOSED_HEADERS,
         }
+        if result.converted:  # the output has one channel where the input had colour or alpha
+            headers["X-MedSR-Converted"] = result.converted
         return Response(result.content, media_type=result.media_type, headers=headers)  # type: ignore[return-value]
 
     # -- POST /upscale_array -----------------------------------------------------------------
