@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import bentoml
 
 from medsr.inference import PhaseTimer
@@ -37,3 +39,56 @@ def server_timing(timer: PhaseTimer) -> str:
     ``total``, the wall-clock time in the worker (less than the sum where phases overlapped)."""
     entries = [f"{phase};dur={seconds * 1000.0:.2f}" for phase, seconds in timer.seconds.items()]
     return ", ".join([*entries, f"total;dur={timer.elapsed() * 1000.0:.2f}"])
+
+
+# Paths that are labels on BentoML's own request metrics as they are; any other path is one label
+# (a client's URL is its text: every random path was a new series, and /patient/Doe%5EJohn a
+# patient's name in /metrics).
+METRIC_PATHS = frozenset({"/", "/upscale", "/upscale_array", "/demo", "/info", "/samples", "/livez", "/readyz",
+                          "/healthz", "/metrics", "/docs", "/docs.json", "/schema.json"})
+METRIC_PREFIXES: tuple[tuple[str, str], ...] = (("/samples/", "/samples/{sample_id}"), ("/static/", "/static/{path}"))
+OTHER_PATH = "/{other}"
+_REAL_PATH = "medsr.real_path"
+
+
+def path_label(path: str) -> str:
+    """The ``endpoint`` label of a request path: a route, a route template, or ``/{other}``."""
+    if path in METRIC_PATHS:
+        return path
+    for prefix, label in METRIC_PREFIXES:
+        if path.startswith(prefix):
+            return label
+    return OTHER_PATH
+
+
+def bound_path_labels() -> None:
+    """Make BentoML's traffic metrics label requests by :func:`path_label`, not the raw path.
+
+    Its middleware reads ``scope["path"]`` for the label before calling the app, and the service's
+    own middlewares run inside it: so the middleware class is replaced (before the app is built,
+    which looks it up by name) by one that hands it the label as the path and gives the app the
+    real path back.
+    """
+    from bentoml._internal.server.http import instruments
+
+    base = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(base, "medsr_bounded", False):
+        return
+
+    class BoundedPathMetrics(base):  # type: ignore[misc, valid-type]
+        medsr_bounded = True
+
+        def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+            async def real_path(scope: dict[str, Any], receive: Any, send: Any) -> None:
+                if _REAL_PATH in scope:
+                    scope = {**scope, "path": scope[_REAL_PATH]}
+                await app(scope, receive, send)
+
+            super().__init__(real_path, *args, **kwargs)
+
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope.get("type") == "http" and path_label(scope.get("path", "")) != scope.get("path"):
+                scope = {**scope, _REAL_PATH: scope["path"], "path": path_label(scope["path"])}
+            await super().__call__(scope, receive, send)
+
+    instruments.RunnerTrafficMetricsMiddleware = BoundedPathMetrics

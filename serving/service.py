@@ -64,7 +64,14 @@ from serving.errors import (
     scrubbed,
 )
 from serving.jsonlimits import JSONLimits
-from serving.metrics import CONSISTENCY, INFERENCE_SECONDS, OUTPUT_MEGAPIXELS, observe_phases, server_timing
+from serving.metrics import (
+    CONSISTENCY,
+    INFERENCE_SECONDS,
+    OUTPUT_MEGAPIXELS,
+    bound_path_labels,
+    observe_phases,
+    server_timing,
+)
 from serving.packaging import load_bentoml_generator
 from serving.schemas import AVAILABLE_SCALES, LIMITS, ArrayImage, ArrayResult
 from serving.threads import ThreadBudget
@@ -75,6 +82,7 @@ from serving.web import png_data_url, public_samples, side_by_side, web_app
 logger = logging.getLogger("bentoml.medsr")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLogFilter())
+bound_path_labels()
 
 CONFIG = load_config()
 SERVING = CONFIG.serving

@@ -651,6 +651,23 @@ def test_every_kind_of_bad_input_interleaved_with_good_ones(client: httpx.Client
     assert 'medsr_phase_seconds_count{endpoint="/upscale",phase="forward"}' in metrics
 
 
+def test_metrics_stay_bounded_after_3000_random_paths(client: httpx.Client) -> None:
+    """Every unknown path is one label: /metrics neither grows with random URLs nor holds their text."""
+    rng = np.random.default_rng(22)
+    for _ in range(2):  # every status of the unknown-path label exists before measuring
+        client.get("/patient/warm-up")
+        client.post("/patient/warm-up", content=b"x")
+    before = len(client.get("/metrics").content)
+    for index in range(3000):
+        token = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz0123456789"), 12))
+        response = client.request("POST" if index % 3 == 0 else "GET", f"/patient/Doe%5EJohn-{token}/{index}")
+        assert response.status_code in (404, 405), response.text
+    text = client.get("/metrics").text
+    assert len(text) <= 2 * before, f"/metrics grew from {before} to {len(text)} bytes"
+    assert "Doe" not in text and "patient" not in text and "John" not in text
+    assert client.post("/upscale_array", json={"images": [{"image": [[0.25, 0.5], [0.75, 1.0]]}]}).status_code == 200
+
+
 def test_busy_worker_answers_429_with_retry_after(service: ServiceProcess, tmp_path: Path) -> None:
     """serving.max_in_flight file requests at once (`threads` computing, the rest waiting); one
     more gets 429 + Retry-After at once, and the waiting ones get theirs too (overloaded: no
