@@ -38,6 +38,7 @@ import bentoml
 import numpy as np
 from starlette.responses import Response
 
+from medsr.dicom_log import scrub_pydicom_warnings
 from medsr.inference import (
     LoadedGenerator,
     ModelNotFoundError,
@@ -83,6 +84,7 @@ logger = logging.getLogger("bentoml.medsr")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLogFilter())
 bound_path_labels()
+scrub_pydicom_warnings()
 
 CONFIG = load_config()
 SERVING = CONFIG.serving

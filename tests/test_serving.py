@@ -748,13 +748,35 @@ def test_package_builds_a_bento_that_serves_the_champion(registry: dict[str, Any
 # ------------------------------------------------------------------------------------- logs
 
 
-def test_logs_hold_no_patient_identifiers(service: ServiceProcess, client: httpx.Client, files: dict[str, Path]) -> None:
-    """Runs last: by now the log holds every request above, many with the identifying file."""
+WRONG_VR_ID = "QX7731-Hallorann"
+
+
+def wrong_vr_patient_id(folder: Path) -> Path:
+    """The CT sample with its PatientID (LO) declared IS: pydicom warns `Invalid value for VR IS: '<id>'`."""
+    ct = pydicom.dcmread(sample_file("pydicom", "CT_small.dcm"))
+    ct.PatientID = WRONG_VR_ID
+    path = folder / "wrong_vr.dcm"
+    ct.save_as(path)
+    raw = path.read_bytes()
+    value = WRONG_VR_ID.encode()  # 16 characters: no padding
+    element = b"\x10\x00\x20\x00LO" + len(value).to_bytes(2, "little") + value
+    assert raw.count(element) == 1
+    path.write_bytes(raw.replace(element, b"\x10\x00\x20\x00IS" + element[6:]))
+    return path
+
+
+def test_logs_hold_no_patient_identifiers(service: ServiceProcess, client: httpx.Client, files: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    """Runs last: by now the log holds every request above, many with the identifying file; then
+    the wrong-VR PatientID file, whose warnings must keep the element's name and drop its value."""
     assert upload(client, files["four_frames"]).status_code == 422
+    assert upload(client, wrong_vr_patient_id(tmp_path), scale=4).status_code == 200
+    time.sleep(0.5)  # the worker's log lines reach the file
     log_path = service.log_path
     assert log_path is not None
     shutil.copy(log_path, log_path.with_suffix(".copy"))  # the file is still being written
     text = log_path.with_suffix(".copy").read_text(errors="replace")
     assert "endpoint=/upscale" in text  # the log is the right one, and it logs requests
-    for secret in ("Janet", "Doe", PATIENT_ID, "SECRET", SECRET_FILE_NAME):
+    assert "Invalid value for VR IS" in text  # the warning is logged, without the value
+    for secret in ("Janet", "Doe", PATIENT_ID, "SECRET", SECRET_FILE_NAME, *WRONG_VR_ID.split("-"), "7731"):
         assert secret not in text, f"{secret!r} found in the service log"
