@@ -75,6 +75,7 @@ from serving.metrics import (
 )
 from serving.packaging import load_bentoml_generator
 from serving.schemas import AVAILABLE_SCALES, LIMITS, ArrayImage, ArrayResult
+from serving.shutdown import bound_shutdown
 from serving.threads import ThreadBudget
 from serving.uploads import InputError, Refiner, read_upload, upscale_file
 from serving.web import png_data_url, public_samples, side_by_side, web_app
@@ -153,6 +154,8 @@ class MedSR:
         self._lock = threading.Lock()
         self._last_attempt = 0.0
         self._load_champions()
+        # Here, not at import: uvicorn installs its own handlers just before it builds the service.
+        bound_shutdown(float(SERVING["shutdown_grace_s"]))
 
     # -- models ------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -701,6 +702,35 @@ def test_busy_worker_answers_429_with_retry_after(service: ServiceProcess, tmp_p
         statuses = sorted(answer.status_code for answer in answers)
         assert statuses.count(200) >= computing and set(statuses) <= {200, 429}, statuses
         assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)
+
+
+def test_sigterm_with_a_stuck_request_exits_within_the_grace_period(registry: dict[str, Any], tmp_path: Path) -> None:
+    """An upload that stops halfway holds its request forever; SIGTERM must still end the server
+    (every process of it) within serving.shutdown_grace_s, plus a margin for the exit itself."""
+    import psutil
+
+    grace = 3.0
+    params = params_file(tmp_path, shutdown_grace_s=grace)
+    service = ServiceProcess(env={"MLFLOW_TRACKING_URI": registry["uri"], "MEDSR_PARAMS": str(params)},
+                             log_path=tmp_path / "service.log", device="cpu").start()
+    try:
+        processes = [psutil.Process(pid) for pid in service.server_pids()]
+        stuck = socket.create_connection(("127.0.0.1", service.port), timeout=30)
+        head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + b"\x89PNG" * 100
+        stuck.sendall(b"POST /upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                      b"Content-Length: 1000000\r\n\r\n" + head)
+        time.sleep(1.0)  # the request is in the app, waiting for the rest of its body
+        assert service.process is not None
+        started = time.monotonic()
+        os.killpg(service.process.pid, signal.SIGTERM)
+        _gone, alive = psutil.wait_procs(processes, timeout=grace + 7.0)
+        elapsed = time.monotonic() - started
+        assert not alive, f"still running {elapsed:.1f} s after SIGTERM: {[p.pid for p in alive]}"
+        assert elapsed < grace + 7.0
+        stuck.close()
+    finally:
+        service.stop()
+    assert "shutdown" in (tmp_path / "service.log").read_text(errors="replace").lower()
 
 
 # ---------------------------------------------------------------------------- Python client
