@@ -92,6 +92,26 @@ def test_each_bad_input_is_quarantined_with_its_reason(tmp_path: Path, sample_ra
     assert set(result.passed["path"]) == {"ct/good.dcm", "xray/ok.png"}
 
 
+def test_duplicates_are_judged_within_a_modality_and_the_gate_counts_images(tmp_path: Path, sample_raw: Path) -> None:
+    """A copy of the CT sample filed under X-ray keeps both; a second CT copy is a duplicate. An
+    image failing two checks is one quarantined image, not two."""
+    raw = tmp_path / "raw"
+    for folder, name in (("ct", "CT_small.dcm"), ("xray", "ct_copy.dcm"), ("ct", "ct_again.dcm")):
+        (raw / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample_raw / "ct" / "CT_small.dcm", raw / folder / name)
+    tiny_constant = np.full((32, 40), 9, np.uint8)  # fails the size expectation and the pixel check
+    Image.fromarray(tiny_constant).save(raw / "xray" / "tiny_constant.png")
+    table = ingest(raw, tmp_path / "interim", IngestOptions(tile_size=256, max_pixels=10_000_000), None)
+    result = validate_table(table, tmp_path / "interim", min_size=64)
+    assert set(result.passed["path"]) == {"ct/CT_small.dcm", "xray/ct_copy.dcm"}
+    duplicate = result.quarantine[result.quarantine["check"] == "duplicate"]
+    assert duplicate["path"].tolist() == ["ct/ct_again.dcm"]
+    tiny = result.quarantine[result.quarantine["path"] == "xray/tiny_constant.png"]
+    assert len(tiny) >= 2  # two checks failed...
+    assert result.quarantined_images == 2 and result.quarantined_fraction == pytest.approx(2 / len(table))
+    assert result.summary["quarantined"] == 2
+
+
 def test_split_and_degrade_on_the_sample(sample_interim: Path, tmp_path: Path) -> None:
     table = pd.read_parquet(sample_interim / TABLE_NAME)
     validated = validate_table(table, sample_interim, min_size=int(PARAMS["data"]["min_size"]))

@@ -239,3 +239,15 @@ def files_per_split(table: pd.DataFrame) -> dict[str, dict[str, list[str]]]:
         labels = {file_label(str(p), str(s)) for p, s in zip(rows["path"], sources, strict=True)}
         out.setdefault(str(modality), {})[str(split)] = sorted(labels)
     return out
+
+
+def empty_splits(table: pd.DataFrame, fractions: Mapping[str, float]) -> list[str]:
+    """One line per modality with images whose val or test split (a positive fraction) is empty."""
+    problems = []
+    for modality in sorted(table["modality"].unique()):
+        rows = table[table["modality"] == modality]
+        empty = [name for name in ("val", "test") if float(fractions.get(name, 0)) > 0 and not (rows["split"] == name).any()]
+        if empty:
+            problems.append(f"{modality}: {len(rows)} image(s) in {rows['path'].nunique()} file(s) after validation, "
+                            f"none in {' or '.join(empty)}")
+    return problems
