@@ -181,6 +181,6 @@ def test_split_stage_fails_when_a_modality_has_no_val_or_test_image(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     table.to_parquet("data/validated/images.parquet", index=False)
     params = {"data": {"split": {"fractions": FRACTIONS, "seed": 1, "min_patients": 3}}}
-    with pytest.raises(pipeline.StageFailed, match=r"ct: 1 image\(s\) in 1 file\(s\) after validation, none in val or test"):
+    with pytest.raises(pipeline.StageFailed, match=r"ct: 1 image\(s\) in 1 file\(s\) after validation, none in test"):
         pipeline.split_stage(params)
     assert not (tmp_path / "data" / "split").exists()
