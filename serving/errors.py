@@ -10,7 +10,6 @@ Starlette's plain text) into the one format, and counts responses by the status 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import json
 import logging
@@ -24,8 +23,9 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 
+from serving.admission import Admission, BodyBuffer, ReadDeadline, deadline_receive
 from serving.jsonlimits import JSONLimitError, JSONLimits, parse_limited
-from serving.metrics import REQUESTS
+from serving.metrics import REQUESTS, restore_path
 from serving.multipart import MultipartScreen, Rejection
 from serving.uploads import InputError
 
@@ -183,80 +183,32 @@ class GatewayMiddleware:
       routes get 400/415 with the fix; multipart part headers are screened (:class:`MultipartScreen`);
     * /upscale_array requests whose results would exceed ``max_array_output_pixels`` get 413
       before any work (the response, not only the request, is bounded);
-    * file requests (/upscale, /demo): at most ``computing`` (the worker's threads) reach the
-      service at once; up to ``max_in_flight - computing`` more wait here in arrival order, which
-      absorbs a few clients; beyond that they get 429 with ``Retry-After`` at once, instead of a
-      queue whose wait grows with every client. Once the queue has overflowed (a 429 was sent)
-      the worker is overloaded: for ``shed_seconds`` after the last 429 it queues nothing (the
-      waiting requests get their 429 then), since a queue that cannot drain only adds request
-      times to every answer: the answered ones come back in about one request time;
+    * bodies are read here, within ``read_timeout_s`` (else 408), before a file request
+      (/upscale, /demo) is admitted, so a slow upload holds no compute slot; admission is by
+      expected wait (:class:`serving.admission.Admission`: 429 with ``Retry-After`` = that wait);
+    * an admitted request not answered within ``compute_timeout_s`` gets 503 (its computation
+      keeps its slot until it ends, so the worker is not oversubscribed);
     * every error response (status >= 400) is rewritten into :func:`error_body`'s format, and
       every response is counted in ``medsr_requests_total`` by the status actually sent.
     """
 
-    def __init__(self, app: Any, max_upload_bytes: int, max_array_output_pixels: int, max_in_flight: int,
-                 computing: int = 0, shed_seconds: float = 0.0, json_limits: JSONLimits | None = None,
-                 form_fields: dict[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(self, app: Any, max_upload_bytes: int, max_array_output_pixels: int, admission: Admission,
+                 read_timeout_s: float = math.inf, compute_timeout_s: float = math.inf,
+                 json_limits: JSONLimits | None = None, form_fields: dict[str, tuple[str, ...]] | None = None) -> None:
         self.app = app
+        self.admission = admission
+        self.read_timeout_s = float(read_timeout_s)
+        self.compute_timeout_s = float(compute_timeout_s)
         self.form_fields = dict(form_fields or {})
         self.json_limits = json_limits or JSONLimits(max_bytes=int(max_upload_bytes))
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_array_output_pixels = int(max_array_output_pixels)
-        self.max_in_flight = int(max_in_flight)
-        self.computing = min(int(computing), self.max_in_flight) if int(computing) > 0 else self.max_in_flight
-        self.shed_seconds = float(shed_seconds)
-        self.last_refusal = -math.inf
-        # One event loop runs all of this: no locks. Waiters get True (go on) or False (refused).
-        self.running = 0
-        self.waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
-
-    @property
-    def in_flight(self) -> int:
-        """File requests admitted and not yet answered: computing or waiting."""
-        return self.running + len(self.waiting)
-
-    def overloaded(self, now: float) -> bool:
-        return now - self.last_refusal < self.shed_seconds
-
-    async def admit(self) -> bool:
-        """Wait for a turn to compute; False: refused (the caller answers 429)."""
-        if self.max_in_flight <= 0:
-            self.running += 1
-            return True
-        now = time.monotonic()
-        if not self.waiting and self.running < self.computing:
-            self.running += 1
-            return True
-        if self.overloaded(now) or self.in_flight >= self.max_in_flight:
-            self.last_refusal = now
-            while self.waiting:  # overloaded: the queue will not drain in time, refuse it now
-                waiter = self.waiting.popleft()
-                if not waiter.done():
-                    waiter.set_result(False)
-            return False
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.waiting.append(waiter)
-        try:
-            return await waiter  # release() hands over the slot (running already counts us)
-        except asyncio.CancelledError:  # the client went away while waiting
-            if waiter in self.waiting:
-                self.waiting.remove(waiter)
-            elif waiter.done() and not waiter.cancelled() and waiter.result():
-                self.release()  # the slot came as we were cancelled: pass it on
-            raise
-
-    def release(self) -> None:
-        self.running -= 1
-        while self.waiting and self.running < self.computing:
-            waiter = self.waiting.popleft()
-            if not waiter.done():
-                self.running += 1
-                waiter.set_result(True)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope = restore_path(scope)  # the outer middlewares saw only its label
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
         incoming = headers.get("x-request-id", "")
         request_id = incoming if _REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
@@ -266,29 +218,88 @@ class GatewayMiddleware:
         path, method = scope.get("path", ""), scope.get("method", "GET")
         endpoint = endpoint_label(path)
         try:
-            state: dict[str, Any] = {}
-            admitted = False
-            if method == "POST" and path in MULTIPART_ROUTES:
-                if not await self.admit():
-                    await self._reject(send, (429, f"busy: {self.in_flight} requests are being computed or wait, "
-                                              f"the most this worker admits now (serving.max_in_flight)",
-                                              "retry after the Retry-After seconds, or add workers"),
-                                       request_id, path, endpoint, retry_after=1)
-                    return
-                admitted = True
-            try:
-                if method == "POST" and path in MULTIPART_ROUTES | JSON_ROUTES:
-                    rejection, receive = await self._screen(path, headers, receive, state,
-                                                           _plain_query(scope.get("query_string", b"")))
-                    if rejection is not None:
-                        await self._reject(send, rejection, request_id, path, endpoint)
-                        return
-                await self._forward(scope, receive, send, request_id, endpoint, state)
-            finally:
-                if admitted:
-                    self.release()
+            if method == "POST" and path in MULTIPART_ROUTES | JSON_ROUTES:
+                await self._api_request(scope, receive, send, headers, request_id, endpoint)
+            else:
+                await self._forward(scope, receive, send, request_id, endpoint, {})
         finally:
             REQUEST_ID.reset(token)
+
+    async def _api_request(self, scope: dict[str, Any], receive: Any, send: Any, headers: dict[str, str],
+                           request_id: str, endpoint: str) -> None:
+        """Screen and read the whole body (read deadline), admit, then forward (compute deadline)."""
+        path, state = scope["path"], {}
+        timed = deadline_receive(receive, self.read_timeout_s)
+        body = BodyBuffer()
+        try:
+            try:
+                rejection, screened = await self._screen(path, headers, timed, state,
+                                                         _plain_query(scope.get("query_string", b"")))
+                if rejection is None:
+                    rejection = await self._read_whole(screened, body, state)
+            except ReadDeadline:
+                rejection = (408, f"the request body did not arrive within serving.read_timeout_s = "
+                             f"{self.read_timeout_s:g} s", "send the file in one go from a faster connection, or "
+                             "split it; the deadline counts from the request's first byte")
+            if rejection is not None:
+                await self._reject(send, rejection, request_id, path, endpoint)
+                return
+            admission = self.admission if path in MULTIPART_ROUTES else None
+            if admission is not None and not await admission.admit():
+                wait = admission.expected_wait()
+                await self._reject(send, (429, f"busy: the expected wait is {wait:.1f} s ({admission.in_flight} "
+                                          f"requests computing or queued), over serving.max_wait_s = "
+                                          f"{admission.max_wait_s:g} s", "retry after the Retry-After seconds, "
+                                          "or add workers"), request_id, path, endpoint,
+                                   retry_after=admission.retry_after())
+                return
+            await self._compute(scope, body.replay(receive), send, request_id, endpoint, state, admission)
+        finally:
+            body.close()
+
+    async def _read_whole(self, receive: Any, body: BodyBuffer, state: dict[str, Any]) -> Rejection | None:
+        """Drain the screened body into ``body``; a rejection when the screen or limit refuses it."""
+        while True:
+            message = await receive()
+            if "rejection" in state:
+                return state["rejection"]
+            if message.get("type") != "http.request":
+                return (400, "the client left before sending the whole body", "send the whole request body")
+            body.write(message.get("body", b""))
+            if not message.get("more_body", False):
+                return None
+
+    async def _compute(self, scope: dict[str, Any], receive: Any, send: Any, request_id: str, endpoint: str,
+                       state: dict[str, Any], admission: Admission | None) -> None:
+        """Forward to the app; past ``compute_timeout_s`` answer 503 and let the work end on its own."""
+        granted = time.monotonic()
+
+        def finished(_task: Any = None) -> None:
+            if admission is not None:
+                admission.release(time.monotonic() - granted)
+
+        task = asyncio.ensure_future(self._forward(scope, receive, send, request_id, endpoint, state))
+        try:
+            limit = self.compute_timeout_s if math.isfinite(self.compute_timeout_s) else None
+            done, _pending = await asyncio.wait({task}, timeout=limit)
+        except asyncio.CancelledError:
+            task.cancel()
+            finished()
+            raise
+        if task in done or state.get("responded"):
+            if task not in done:
+                await task  # the response is already on its way: let it finish
+            finished()
+            task.result()
+            return
+        state["abandoned"] = True  # the app's response, when it comes, goes nowhere
+        task.add_done_callback(finished)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieve, so nothing warns
+        await self._reject(send, (503, f"the computation did not finish within serving.compute_timeout_s = "
+                                  f"{self.compute_timeout_s:g} s", "send a smaller image or a smaller scale, or "
+                                  "retry later; the worker goes on with the others"),
+                           request_id, scope.get("path", ""), endpoint, retry_after=max(1, math.ceil(
+                               admission.expected_wait() if admission is not None else 1)))
 
     async def _reject(self, send: Any, rejection: Rejection, request_id: str, path: str, endpoint: str,
                       retry_after: int | None = None) -> None:
@@ -408,6 +419,9 @@ class GatewayMiddleware:
         chunks: list[bytes] = []
 
         async def wrapped_send(message: dict[str, Any]) -> None:
+            if state.get("abandoned"):
+                return  # answered 503 at the compute deadline
+            state["responded"] = True
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 response_headers = MutableHeaders(raw=list(message.get("headers", [])))

@@ -61,13 +61,19 @@ def path_label(path: str) -> str:
     return OTHER_PATH
 
 
-def bound_path_labels() -> None:
-    """Make BentoML's traffic metrics label requests by :func:`path_label`, not the raw path.
+def restore_path(scope: dict[str, Any]) -> dict[str, Any]:
+    """The scope with the request's real path back (see :func:`bound_path_labels`)."""
+    return {**scope, "path": scope[_REAL_PATH]} if _REAL_PATH in scope else scope
 
-    Its middleware reads ``scope["path"]`` for the label before calling the app, and the service's
-    own middlewares run inside it: so the middleware class is replaced (before the app is built,
-    which looks it up by name) by one that hands it the label as the path and gives the app the
-    real path back.
+
+def bound_path_labels() -> None:
+    """Make BentoML's traffic metrics and access log see requests by :func:`path_label`.
+
+    Its metrics middleware reads ``scope["path"]`` for the label before calling the app, and the
+    service's own middlewares run inside it (inside the access log too, which would log a URL's
+    text: /patient/Doe%5EJohn). So the metrics middleware class is replaced, before the app is
+    built (it is looked up by name then), by one that puts the label in ``scope["path"]``; the
+    gateway middleware gives the app the real path back (:func:`restore_path`).
     """
     from bentoml._internal.server.http import instruments
 
@@ -77,14 +83,6 @@ def bound_path_labels() -> None:
 
     class BoundedPathMetrics(base):  # type: ignore[misc, valid-type]
         medsr_bounded = True
-
-        def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
-            async def real_path(scope: dict[str, Any], receive: Any, send: Any) -> None:
-                if _REAL_PATH in scope:
-                    scope = {**scope, "path": scope[_REAL_PATH]}
-                await app(scope, receive, send)
-
-            super().__init__(real_path, *args, **kwargs)
 
         async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
             if scope.get("type") == "http" and path_label(scope.get("path", "")) != scope.get("path"):

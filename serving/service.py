@@ -55,6 +55,7 @@ from medsr.inference import (
     upscale_image,
 )
 from serving import load_config
+from serving.admission import Admission
 from serving.errors import (
     REQUEST_ID,
     ClientErrorLogFilter,
@@ -283,6 +284,9 @@ class MedSR:
                        "max_upload_bytes": int(SERVING["max_upload_bytes"]),
                        "max_array_output_pixels": int(SERVING["max_array_output_pixels"]),
                        "max_in_flight": int(SERVING["max_in_flight"]),
+                       "max_wait_s": float(SERVING["max_wait_s"]),
+                       "read_timeout_s": float(SERVING["read_timeout_s"]),
+                       "compute_timeout_s": float(SERVING["compute_timeout_s"]),
                        "demo_max_side": int(SERVING["demo_max_side"])},
             "tiling": {"tile": self.tiling.tile, "batch_size": self.tiling.batch_size,
                        "margin": "each model's receptive_radius"},
@@ -516,8 +520,11 @@ class MedSR:
 
 MedSR.add_asgi_middleware(GatewayMiddleware, max_upload_bytes=int(SERVING["max_upload_bytes"]),
                           max_array_output_pixels=int(SERVING["max_array_output_pixels"]),
-                          max_in_flight=int(SERVING["max_in_flight"]), computing=int(SERVING["threads"]),
-                          shed_seconds=float(SERVING["shed_seconds"]),
+                          admission=Admission(computing=int(SERVING["threads"]),
+                                              max_in_flight=int(SERVING["max_in_flight"]),
+                                              max_wait_s=float(SERVING["max_wait_s"])),
+                          read_timeout_s=float(SERVING["read_timeout_s"]),
+                          compute_timeout_s=float(SERVING["compute_timeout_s"]),
                           json_limits=JSONLimits(max_bytes=int(SERVING["max_json_bytes"]),
                                                  max_depth=int(SERVING["max_json_depth"]),
                                                  max_number_chars=int(SERVING["max_json_number_chars"])),
