@@ -157,3 +157,28 @@ def test_missing_local_folder_stops_download_with_one_line(tmp_path: Path) -> No
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "nowhere" in lines[0] and "does not exist" in lines[0], proc.stderr
     assert not (tmp_path / "data" / "interim").exists()
+
+
+def test_a_killed_stage_leaves_no_temporary_output_behind(tmp_path: Path) -> None:
+    """kill -9 inside atomic_dir (as during degrade) leaves data/.pairs.*; the next run removes it,
+    and leaves alone a temporary that a live process is still writing."""
+    import os
+    import signal
+
+    from medsr.atomic import atomic_dir
+
+    target = tmp_path / "data" / "pairs"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys; from pathlib import Path; from medsr.atomic import atomic_dir\n"
+        "with atomic_dir(Path(sys.argv[1])) as tmp:\n"
+        "    (tmp / 'x.npy').write_bytes(b'0' * 4096)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(target)], cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert killed.returncode == -signal.SIGKILL
+    left = list(target.parent.glob(".pairs.*"))
+    assert len(left) == 1 and (left[0] / "x.npy").exists()
+    live = target.parent / f".pairs.{os.getppid()}.busy"  # pytest's parent: alive
+    live.mkdir()
+    with atomic_dir(target) as tmp:
+        (tmp / "y.npy").write_bytes(b"1")
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(["pairs", live.name])
+    assert (target / "y.npy").exists()
