@@ -267,6 +267,10 @@ class GatewayMiddleware:
                 return (400, "the client left before sending the whole body", "send the whole request body")
             body.write(message.get("body", b""))
             if not message.get("more_body", False):
+                screen = state.get("screen")
+                if screen is not None and not screen.closed:
+                    return (400, "malformed multipart body: it ends before its closing delimiter (--boundary--)",
+                            "let your HTTP client build the multipart body (curl -F file=@image.dcm, requests' files=...)")
                 return None
 
     async def _compute(self, scope: dict[str, Any], receive: Any, send: Any, request_id: str, endpoint: str,
@@ -343,7 +347,8 @@ class GatewayMiddleware:
                 return (400, "malformed multipart body (it does not start with the declared boundary)",
                         "let your HTTP client build the multipart body (curl -F file=@image.dcm, "
                         "requests' files=..., the BentoML client)"), receive
-            screen = MultipartScreen(boundary.group(1).encode("latin-1"), self.form_fields.get(path), path)
+            screen = state["screen"] = MultipartScreen(boundary.group(1).encode("latin-1"), self.form_fields.get(path),
+                                                       path)
             first = {**first, "body": screen.feed(body, final=not more)}
             if screen.rejection is not None:
                 return screen.rejection, receive

@@ -56,6 +56,7 @@ class MultipartScreen:
         self.route = route
         self.carry = b""
         self.seen: set[str] = set()
+        self.closed = False  # the closing delimiter (--boundary--) was seen
         self.rejection: Rejection | None = None
 
     def feed(self, chunk: bytes, final: bool) -> bytes:
@@ -71,6 +72,7 @@ class MultipartScreen:
             header_end = data.find(b"\r\n\r\n", header_start)
             if header_end < 0:
                 if data.startswith(b"--", header_start):
+                    self.closed = True
                     break  # the closing delimiter, then at most an epilogue
                 if len(data) - header_start > MAX_PART_HEADER_BYTES + 4:
                     self._refuse_header(len(data) - header_start)
@@ -101,6 +103,7 @@ class MultipartScreen:
 
     def _rewritten(self, header: bytes) -> bytes:
         if header.startswith(b"--"):
+            self.closed = True
             return header  # the closing delimiter: no part follows
         if header.count(b"\r\n") > MAX_PART_HEADER_LINES:
             self._refuse(f"a multipart part has more than {MAX_PART_HEADER_LINES} header lines",

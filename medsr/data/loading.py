@@ -49,6 +49,7 @@ from medsr.data.raster_modes import (
     png16_luma,
     png_colour16,
     tiff_integer_dtype,
+    tiff_layout_pillow_lacks,
     upright,
 )
 
@@ -863,6 +864,12 @@ def _load_raster(path: Path, modality: str, source: str, patient_ids: Mapping[st
         except Image.DecompressionBombError as err:
             raise LoadError(path, REASON_TOO_LARGE, "split or downsample the image", detail=_describe(err)) from err
         except (UnidentifiedImageError, OSError, ValueError) as err:
+            layout = tiff_layout_pillow_lacks(path)
+            if layout is not None:  # a valid TIFF in a sample type Pillow does not read: say so
+                raise LoadError(path, REASON_UNSUPPORTED_LAYOUT, "save it as 32-bit float or 16-bit integer TIFF "
+                                "(e.g. tifffile.imwrite(path, array.astype('float32')))",
+                                detail=f"{layout} TIFF: the TIFF reader here (Pillow) reads at most 32-bit "
+                                "samples") from err
             raise LoadError(path, REASON_UNREADABLE_IMAGE, unreadable_fix, detail=_describe(err)) from err
         with opened as image:
             width, height = image.size

@@ -83,3 +83,18 @@ def tiff_integer_dtype(image: Any) -> str | None:
     if bits in (8, 16) and fmt in (1, 2):
         return f"{'int' if fmt == 2 else 'uint'}{bits}"
     return None
+
+
+def tiff_layout_pillow_lacks(path: Path) -> str | None:
+    """``"64-bit float"`` (etc.) for a readable TIFF whose samples Pillow cannot open, else None."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            dtype = np.dtype(tif.pages[0].dtype)
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads either: the caller's error stands
+        return None
+    if dtype.itemsize <= 4 and dtype.kind != "c":
+        return None
+    kind = {"f": "float", "i": "signed integer", "u": "unsigned integer", "c": "complex"}.get(dtype.kind, dtype.kind)
+    return f"{dtype.itemsize * 8}-bit {kind}"
