@@ -56,8 +56,9 @@ def documented_counts(name: str) -> dict[str, int]:
 # --------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_seven_models() -> None:
-    assert MODEL_NAMES == ("bicubic", "blimsr", "brainsr", "espcn", "residual_cnn", "srgan", "swift_srgan")
+def test_registry_lists_the_ten_models() -> None:
+    assert MODEL_NAMES == ("bicubic", "blimsr", "brainsr", "espcn", "residual_cnn", "rfdn", "rlfn", "span", "srgan",
+                           "swift_srgan")
     assert TRAINABLE == [n for n in MODEL_NAMES if n != "bicubic"]
 
 
