@@ -91,3 +91,167 @@ def test_the_conversion_refuses_a_checkpoint_that_is_not_rgb() -> None:
             if key.startswith("trunk.")}
     with pytest.raises(ValueError, match=r"conv_1.weight has 1 input channels, expected 3"):
         grey_state_dict(grey, rlfn.LAYOUT, generator)
+
+
+# --------------------------------------------------------------------------- the published file as an input
+
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+
+import yaml  # noqa: E402
+
+from medsr.data.sources.errors import SourceError  # noqa: E402
+from medsr.pretrained import CheckpointInit, fetch_checkpoint, load_published, pretrained_stage  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB: several reads, a cut in the middle
+URL = "https://example.invalid/model_zoo/rlfn_x4.pth"
+
+
+def init_for(payload: bytes = PAYLOAD, sha256: str | None = None) -> CheckpointInit:
+    return CheckpointInit(file="rlfn_x4.pth", url=URL, sha256=sha256 or hashlib.sha256(payload).hexdigest(),
+                          licence="Apache-2.0", source="a test's server")
+
+
+class FakeServer:
+    """The HTTP client boundary (``urlopen``'s shape): serves ``payload``, honours Range unless told
+    not to, can cut the body after ``cut_after`` bytes once, or be unreachable."""
+
+    def __init__(self, payload: bytes = PAYLOAD, *, cut_after: int | None = None, honour_range: bool = True,
+                 offline: bool = False) -> None:
+        self.payload, self.cut_after, self.honour_range, self.offline = payload, cut_after, honour_range, offline
+        self.ranges: list[str | None] = []
+
+    def __call__(self, request: urllib.request.Request, timeout: float) -> FakeServer._Response:
+        assert request.full_url == URL and timeout > 0
+        self.ranges.append(request.get_header("Range"))
+        if self.offline:
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        start = 0
+        if request.get_header("Range") and self.honour_range:
+            start = int(request.get_header("Range").removeprefix("bytes=").rstrip("-"))
+        cut, self.cut_after = self.cut_after, None
+        return self._Response(self.payload[start:], 206 if start else 200, cut)
+
+    class _Response:
+        def __init__(self, body: bytes, status: int, cut: int | None) -> None:
+            self.stream, self.status, self.cut, self.sent = io.BytesIO(body), status, cut, 0
+
+        def read(self, n: int) -> bytes:
+            if self.cut is not None and self.sent >= self.cut:
+                raise ConnectionResetError("connection reset by peer")
+            chunk = self.stream.read(n if self.cut is None else min(n, self.cut - self.sent))
+            self.sent += len(chunk)
+            return chunk
+
+        def __enter__(self) -> FakeServer._Response:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+
+def test_a_checkpoint_is_downloaded_checked_and_moved_into_place(tmp_path: Path) -> None:
+    server = FakeServer()
+    result = fetch_checkpoint(init_for(), tmp_path, opener=server, sleep=lambda _s: None)
+    assert result["status"] == "downloaded" and result["licence"] == "Apache-2.0"
+    assert (tmp_path / "rlfn_x4.pth").read_bytes() == PAYLOAD
+    assert not list((tmp_path / ".partial").iterdir())
+    # Found the second time: checked, not fetched.
+    assert fetch_checkpoint(init_for(), tmp_path, opener=server)["status"] == "found" and len(server.ranges) == 1
+
+
+def test_a_cut_download_resumes_from_the_bytes_it_has(tmp_path: Path) -> None:
+    server = FakeServer(cut_after=300_000)
+    with pytest.raises(SourceError, match="downloading .*rlfn_x4.pth still failing after 1 attempts"):
+        fetch_checkpoint(init_for(), tmp_path, opener=server, retries=0)
+    assert (tmp_path / ".partial" / "rlfn_x4.pth.part").stat().st_size == 300_000
+    assert not (tmp_path / "rlfn_x4.pth").exists()  # never a half file under the final name
+    fetch_checkpoint(init_for(), tmp_path, opener=server, retries=0)
+    assert server.ranges == [None, "bytes=300000-"]
+    assert (tmp_path / "rlfn_x4.pth").read_bytes() == PAYLOAD
+    # A server that ignores Range sends everything again: the part is rewritten, not appended to.
+    ignoring = FakeServer(cut_after=100_000, honour_range=False)
+    (tmp_path / "rlfn_x4.pth").unlink()
+    with pytest.raises(SourceError):
+        fetch_checkpoint(init_for(), tmp_path, opener=ignoring, retries=0)
+    fetch_checkpoint(init_for(), tmp_path, opener=ignoring, retries=0)
+    assert (tmp_path / "rlfn_x4.pth").read_bytes() == PAYLOAD
+
+
+def test_the_wrong_sha256_is_refused_naming_the_file(tmp_path: Path) -> None:
+    wrong = init_for(sha256="0" * 64)
+    # Downloaded bytes that do not match: retried, then refused; nothing under the final name.
+    with pytest.raises(SourceError, match=r"downloading .*/rlfn_x4.pth still failing after 2 attempts \(the "
+                                          r"downloaded bytes have sha256 [0-9a-f]{64}, expected 0{64}\)") as err:
+        fetch_checkpoint(wrong, tmp_path, opener=FakeServer(), retries=1, sleep=lambda _s: None)
+    assert "\n" not in str(err.value) and str(tmp_path / "rlfn_x4.pth") in str(err.value)
+    assert not (tmp_path / "rlfn_x4.pth").exists()
+    # A file placed by hand with other bytes: refused, named, kept for the user to look at.
+    (tmp_path / "rlfn_x4.pth").write_bytes(PAYLOAD[:-1])
+    with pytest.raises(SourceError, match=rf"{tmp_path / 'rlfn_x4.pth'} has sha256 [0-9a-f]{{64}}, "
+                                          rf"expected {init_for().sha256}"):
+        fetch_checkpoint(init_for(), tmp_path, opener=FakeServer())
+    assert (tmp_path / "rlfn_x4.pth").read_bytes() == PAYLOAD[:-1]
+
+
+def test_init_entries_are_checked() -> None:
+    good = init_for().as_dict()
+    assert CheckpointInit.from_mapping(good, "init") == init_for()
+    for broken, message in [({**good, "sha256": "ABC"}, "64 lower-case hex"), ({**good, "file": "../x.pth"}, "file name"),
+                            ({k: v for k, v in good.items() if k != "licence"}, r"missing \['licence'\]"),
+                            ({**good, "url": "ftp://x"}, "http")]:
+        with pytest.raises(ValueError, match=message):
+            CheckpointInit.from_mapping(broken, "train.models.rlfn.x4.init")
+
+
+def _params_with_init(tmp_path: Path) -> Path:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["train"]["models"] = {"rlfn": {"x4": {"init": init_for().as_dict()}}}
+    params["data"]["download"] = {"retries": 1, "backoff_seconds": 0.0}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_offline_without_the_file_the_stage_says_in_one_line_what_to_put_where(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    from medsr.stage_entry import run_stage
+
+    monkeypatch.chdir(tmp_path)
+    server = FakeServer(offline=True)
+    monkeypatch.setattr(urllib.request, "urlopen", server)  # the client boundary; no network in tests
+    assert run_stage("pretrained", pretrained_stage, params_path=_params_with_init(tmp_path)) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and len(server.ranges) == 2  # retried once (data.download.retries), then one line
+    assert lines[0].startswith("medsr pretrained: downloading pretrained/rlfn_x4.pth still failing")
+    assert f"put the file from {URL} (sha256 {init_for().sha256}" in lines[0] and "at pretrained/rlfn_x4.pth" in lines[0]
+    # Placed by hand, the same stage finds it and passes, offline.
+    (tmp_path / "pretrained" / "rlfn_x4.pth").write_bytes(PAYLOAD)
+    assert run_stage("pretrained", pretrained_stage, params_path=_params_with_init(tmp_path)) == 0
+    assert len(server.ranges) == 2
+
+
+def test_the_default_params_name_no_checkpoint_so_a_fresh_machine_needs_none(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert pretrained_stage(params, opener=FakeServer(offline=True)) == {"checkpoints": []}
+    assert (tmp_path / "pretrained").is_dir()
+
+
+def test_load_published_builds_the_grey_generator_and_refuses_another_layout(tmp_path: Path) -> None:
+    random_published_checkpoint(rlfn.RLFNTrunk, 4, tmp_path / "rlfn_x4.pth")
+    generator = load_published("rlfn", 4, tmp_path / "rlfn_x4.pth")
+    assert generator.scale == 4 and generator(torch.rand(1, 1, 16, 16)).shape == (1, 1, 64, 64)
+    with pytest.raises(ValueError, match=r"not a published RLFN x2 checkpoint: .*upsampler.0.weight"):
+        load_published("rlfn", 2, tmp_path / "rlfn_x4.pth")
+    with pytest.raises(ValueError, match=r"not a published SPAN x4 checkpoint"):
+        load_published("span", 4, tmp_path / "rlfn_x4.pth")
+    with pytest.raises(ValueError, match="no published-weights layout"):
+        load_published("espcn", 4, tmp_path / "rlfn_x4.pth")

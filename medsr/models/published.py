@@ -94,8 +94,26 @@ class GreyPublishedGenerator(SRGenerator):
     """
 
     layout: PublishedLayout
+    trunk_class: type[nn.Module]  # called as trunk_class(scale, colours=...)
     trunk: nn.Module
     input_offset_kernel: torch.Tensor
+
+    @classmethod
+    def from_published(cls, rgb_state: Mapping[str, torch.Tensor], scale: int) -> GreyPublishedGenerator:
+        """The grey generator equal to the published RGB network ``rgb_state`` at ``scale``.
+
+        Raises:
+            ValueError: ``rgb_state`` does not load strictly into the RGB trunk (another
+                architecture, scale or variant); the message names the first mismatches.
+        """
+        try:
+            cls.trunk_class(scale, colours=RGB).load_state_dict(rgb_state, strict=True)
+        except RuntimeError as err:
+            details = " ".join(str(err).split())
+            raise ValueError(f"not a published {cls.__name__} x{scale} checkpoint: {details[:300]}") from err
+        generator = cls(scale)
+        generator.load_state_dict(grey_state_dict(rgb_state, cls.layout, generator), strict=True)
+        return generator
 
     def _finish_init(self) -> None:
         first = self.trunk.get_submodule(self.layout.first_conv)

@@ -124,6 +124,7 @@ class RFDN(GreyPublishedGenerator):
     """Grey RFDN: ``trunk(x - 0.5)`` with the published weights folded to 1 colour (``published``)."""
 
     layout = LAYOUT
+    trunk_class = RFDNTrunk
 
     def __init__(self, scale: int = 4, features: int = FEATURES) -> None:
         super().__init__(scale)

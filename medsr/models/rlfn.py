@@ -109,6 +109,7 @@ class RLFN(GreyPublishedGenerator):
     """Grey RLFN: ``trunk(x - 0.5)`` with the published weights folded to 1 colour (``published``)."""
 
     layout = LAYOUT
+    trunk_class = RLFNTrunk
 
     def __init__(self, scale: int = 4, features: int = FEATURES) -> None:
         super().__init__(scale)

@@ -106,6 +106,7 @@ class SPAN(GreyPublishedGenerator):
     """Grey SPAN: ``trunk(x - 0.5)`` with the published weights folded to 1 colour (``published``)."""
 
     layout = LAYOUT
+    trunk_class = SPANTrunk
 
     def __init__(self, scale: int = 4, features: int = FEATURES) -> None:
         super().__init__(scale)
