@@ -10,17 +10,22 @@ input (R = G = B):
 * the input range and the per-colour mean are the architecture's spec (:class:`PublishedLayout`):
   RLFN and RFDN take ``255 * x``, SPAN takes ``255 * (x - rgb_mean)``;
 * the first convolution's weights are summed over the three colours (they all see the same grey
-  value) and multiplied by the input range; the generator feeds it the centred ``x - 0.5`` like
-  every MedSR generator (:mod:`medsr.models.blocks`), so the difference between what the published
-  network subtracted (its mean, or nothing) and 0.5 becomes a constant added after that
-  convolution. Inside the image that constant is one number per channel (it folds into the bias);
+  value); the generator feeds it the centred input like every MedSR generator
+  (:mod:`medsr.models.blocks`), in the published range: ``input_range * (x - 0.5)``, so the
+  difference between what the published network subtracted (its mean, or nothing) and 0.5 becomes
+  a constant added after that convolution. Inside the image that constant is one number per channel (it folds into the bias);
   within the kernel's reach of the border the zero padding cuts part of it off, so it is kept as a
   kernel (``input_offset_kernel``, a buffer) applied to an image of ones with the same padding:
   then the grey network equals the RGB one at every pixel, border included;
 * the last convolution before the pixel shuffle emits ``3 * scale**2`` channels, colour-major
   (PixelShuffle reads channel ``c * scale**2 + phase`` as colour ``c``); the grey network's
-  ``scale**2`` are the mean of the three colours' rows, divided by the output range, so its output
-  is the mean of R, G and B in [0, 1].
+  ``scale**2`` are the mean of the three colours' rows, and the generator divides the result by the
+  output range, so its output is the mean of R, G and B in [0, 1].
+
+The ranges stay outside the weights on purpose: folded in, the first convolution's weights would be
+255 times and the last one's 1/255 times the published ones, and Adam, whose steps have the size of
+the learning rate whatever the weight's scale, would then barely move the first layer and throw
+the last one around when fine-tuning.
 
 Why direct prediction (no bicubic skip) and how it fits the generators' rule
 -------------------------------------------------------------------------------
@@ -119,13 +124,15 @@ class GreyPublishedGenerator(SRGenerator):
         first = self.trunk.get_submodule(self.layout.first_conv)
         # Zero for a network built from scratch; grey_state_dict fills it from the published weights.
         self.register_buffer("input_offset_kernel", torch.zeros(first.out_channels, 1, *first.kernel_size))
-        shrink_init_(self.trunk.get_submodule(self.layout.last_conv))
+        # Small in the output's units whatever the ranges (SPAN reads x255 and writes x1).
+        shrink_init_(self.trunk.get_submodule(self.layout.last_conv),
+                     factor=0.1 * self.layout.output_range / self.layout.input_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = self.trunk.get_submodule(self.layout.first_conv)
         ones = torch.ones_like(x[:, :1])
         offset = F.conv2d(ones, self.input_offset_kernel, padding=first.padding)
-        return self.finish(self.trunk(self.centered(x), offset))
+        return self.finish(self.trunk(self.centered(x) * self.layout.input_range, offset) / self.layout.output_range)
 
 
 def grey_state_dict(rgb_state: Mapping[str, torch.Tensor], layout: PublishedLayout,
@@ -147,14 +154,14 @@ def grey_state_dict(rgb_state: Mapping[str, torch.Tensor], layout: PublishedLayo
         raise ValueError(f"{layout.last_conv}.weight has {w_last.shape[0]} outputs, not 3 colours x scale**2")
     mean = torch.tensor(layout.rgb_mean, dtype=torch.float64).view(1, RGB, 1, 1)
     grey = {f"trunk.{key}": value for key, value in state.items()}
-    grey[f"trunk.{layout.first_conv}.weight"] = layout.input_range * w_first.sum(dim=1, keepdim=True)
+    grey[f"trunk.{layout.first_conv}.weight"] = w_first.sum(dim=1, keepdim=True)
     # The published net sees range * (x - mean_c); the grey one range * (x - 0.5) through the summed
     # weights: the difference range * sum_c (0.5 - mean_c) * W_c is the offset kernel (module docstring).
     offset = layout.input_range * ((INPUT_CENTER - mean) * w_first).sum(dim=1, keepdim=True)
     phases = w_last.shape[0] // RGB
     b_last = state[f"{layout.last_conv}.bias"]
-    grey[f"trunk.{layout.last_conv}.weight"] = w_last.reshape(RGB, phases, *w_last.shape[1:]).mean(0) / layout.output_range
-    grey[f"trunk.{layout.last_conv}.bias"] = b_last.reshape(RGB, phases).mean(0) / layout.output_range
+    grey[f"trunk.{layout.last_conv}.weight"] = w_last.reshape(RGB, phases, *w_last.shape[1:]).mean(0)
+    grey[f"trunk.{layout.last_conv}.bias"] = b_last.reshape(RGB, phases).mean(0)
     own = generator.state_dict()
     result = {key: own[key] for key in own if not key.startswith("trunk.")}
     result.update({key: value.to(torch.float32) for key, value in grey.items()})

@@ -10,7 +10,7 @@ Architecture: every 3x3 conv is a re-parameterised ``Conv3XC`` whose training-ti
 skip branches were merged into one ``eval_conv`` before publishing (only ``eval_conv`` is in the
 checkpoint, and only it is here). conv_1, six SPABs, conv_2, a 1x1 ``conv_cat`` over the
 concatenation of the first features, conv_2's output, the first block's output and the last block's
-first conv, then a 3x3 conv to ``3 * scale**2`` channels and PixelShuffle. A SPAB is three convs with
+first activation, then a 3x3 conv to ``3 * scale**2`` channels and PixelShuffle. A SPAB is three convs with
 SiLU between them and a parameter-free attention: ``(out3 + x) * (sigmoid(out3) - 0.5)``. No pooling:
 the receptive field is local and tiled inference is exact.
 
@@ -53,7 +53,14 @@ class Conv3XC(nn.Module):
 
 
 class SPAB(nn.Module):
-    """Swift parameter-free attention block (``SPAB1``); returns the block output and its first conv's."""
+    """Swift parameter-free attention block (``SPAB1``); returns the block output and its first conv's
+    activated output.
+
+    The published code returns ``out1``, the first conv's output, but activates it with an in-place
+    ``SiLU(inplace=True)`` before returning, so what it really hands on (the last block's one goes
+    into ``conv_cat``) is ``silu(out1)``; the weights were trained with that, and the raw ``out1``
+    gives a 4x4 phase pattern on a flat input.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -63,9 +70,9 @@ class SPAB(nn.Module):
         self.act1 = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out1 = self.c1_r(x)
-        out3 = self.c3_r(self.act1(self.c2_r(self.act1(out1))))
-        return (out3 + x) * (torch.sigmoid(out3) - 0.5), out1
+        out1_act = self.act1(self.c1_r(x))
+        out3 = self.c3_r(self.act1(self.c2_r(out1_act)))
+        return (out3 + x) * (torch.sigmoid(out3) - 0.5), out1_act
 
 
 class SPANTrunk(nn.Module):
