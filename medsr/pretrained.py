@@ -87,6 +87,29 @@ class CheckpointInit:
         return asdict(self)
 
 
+def _github(repository: str, commit: str, path: str) -> tuple[str, str]:
+    return f"https://github.com/{repository}/raw/{commit}/{path}", f"github {repository} @ {commit}: {path}"
+
+
+# The published checkpoints MedSR knows (../shared/pretrained/SOURCES.md), by (architecture, scale):
+# what a params.yaml `init` entry for them says, and what benchmarks/bench_pretrained.py checks.
+KNOWN_CHECKPOINTS: dict[tuple[str, int], CheckpointInit] = {
+    (name, scale): CheckpointInit(file, *_github(repository, commit, path)[:1], sha256, licence,
+                                  _github(repository, commit, path)[1])
+    for name, scale, file, repository, commit, path, licence, sha256 in [
+        ("rlfn", 2, "rlfn_x2.pth", "bytedance/RLFN", "bccfde91bf8b2de80789ec033a029e6f2a932330",
+         "model_zoo/rlfn_x2.pth", "Apache-2.0", "eafe5d5feeb122022453595c06d79160facdc157ae88deb02a44c50f5eba2d41"),
+        ("rlfn", 4, "rlfn_x4.pth", "bytedance/RLFN", "bccfde91bf8b2de80789ec033a029e6f2a932330",
+         "model_zoo/rlfn_x4.pth", "Apache-2.0", "8c7edb57dfc89048bafba29d591d4c27d4099964b4a9e22df23d6dc257a637c0"),
+        ("span", 4, "span_ch28_x4.pth", "Amazingren/NTIRE2024_ESR", "6404fa48dde4a4adbf241a51debdc661aef20449",
+         "model_zoo/team38_span_ch28_slim.pth", "MIT",
+         "6c80f05048313289c6526e5fc9726688d7bb3dfdd6ae3c8b1e7dd09f601e5971"),
+        ("rfdn", 4, "rfdn_x4.pth", "njulj/RFDN", "7cf4e25b6633e81fd7e26891aeee2baca4f8f927",
+         "trained_model/RFDN_AIM.pth", "MIT", "11af8ec8ebd68689e90ef1e29044f9804c72d3bd9f7573820b7b26035782760c"),
+    ]
+}
+
+
 class _ChecksumMismatch(Exception):
     """Downloaded bytes that do not hash to the pinned sha256 (retried: the transfer may be bad)."""
 
