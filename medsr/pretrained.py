@@ -214,6 +214,26 @@ def load_published(name: str, scale: int, path: Path) -> Any:
     return generator_class.from_published(state, scale)
 
 
+def initial_state(model: str, scale: int, init_entry: Mapping[str, Any],
+                  root: Path = PRETRAINED_ROOT) -> dict[str, Any]:
+    """The grey generator's state dict to start training ``model`` x``scale`` from: the checkpoint
+    that ``init_entry`` names, found in ``root`` and checked against its sha256 (never downloaded
+    here: the ``pretrained`` stage does that, so training is offline and its input is declared).
+
+    Raises:
+        SourceError: the file is missing (the message says which file to put where, or to run
+            ``dvc repro pretrained``) or has another sha256.
+    """
+    init = CheckpointInit.from_mapping(init_entry, f"train.models.{model} (x{scale}).init")
+    target = root / init.file
+    if not target.is_file():
+        raise SourceError(f"{target} is missing: run `dvc repro pretrained`, or {place_hint(init, target)}")
+    actual = sha256_file(target)
+    if actual != init.sha256:
+        raise SourceError(f"{target} has sha256 {actual}, expected {init.sha256}: {place_hint(init, target)}")
+    return load_published(model, scale, target).state_dict()
+
+
 def checkpoint_inits(params: Mapping[str, Any]) -> list[tuple[str, int, CheckpointInit]]:
     """``(model, scale, init)`` for every model in ``train.models`` and scale in ``degrade.scales``
     whose resolved settings (the training config's precedence) name an ``init``."""

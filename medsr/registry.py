@@ -498,6 +498,8 @@ def version_tags(candidate: Candidate, run: Any, current_commit: str) -> dict[st
                 "feature_loss"):
         if details.get(key) is not None:
             tags[key] = str(details[key])
+    # A model fine-tuned from published weights carries their origin and licence (medsr.pretrained).
+    tags.update({key: value for key, value in run_tags.items() if key.startswith("init_")})
     return tags
 
 
@@ -563,6 +565,8 @@ def model_card(name: str, version: ModelVersion | None, tags: Mapping[str, str],
               "adversarial: trained as a GAN)",
               f"- trained {tags.get('trained_at', '?')} for {tags.get('trained_steps', '?')} steps (profile `{tags.get('profile', '?')}`, "
               f"feature loss `{tags.get('feature_loss', '?')}`), best validation PSNR {tags.get('best_val_psnr', '?')} dB",
+              *([f"- started from published weights: {tags['init_source']} ({tags.get('init_url', '?')}), licence "
+                 f"{tags.get('init_licence', '?')}, sha256 `{tags.get('init_sha256', '?')}`"] if "init_source" in tags else []),
               f"- MLflow run `{tags.get('run_id', '?')}`, params hash `{tags.get('params_hash', '?')}`, git commit `{tags.get('git_commit', '?')}`",
               f"- data version (test numbers) `{tags.get('data_version', '?')}`; trained on `{tags.get('train_data_version', '?')}`",
               "", "## Registry decision", "", f"- {decision.get('action', '?')}: {decision.get('reason', '')}"]

@@ -264,7 +264,8 @@ def test_pipeline_flow_retries_a_transient_download_failure_and_completes(flow_r
     result = state.result()
 
     stages = [s["stage"] for s in result["stages"]]
-    assert stages == ["sources", "download", "validate", "split", "degrade", "train@espcn", "benchmark", "register"]
+    assert stages == ["sources", "download", "validate", "split", "degrade", "pretrained", "train@espcn", "benchmark",
+                      "register"]
     assert all(s["ran"] for s in result["stages"])
     counts = task_run_counts(state.state_details.flow_run_id, {f"dvc repro {stage}" for stage in stages})
     assert counts["dvc repro download"] == 3  # failed twice (listing refused), then fetched the file

@@ -258,3 +258,67 @@ def test_load_published_builds_the_grey_generator_and_refuses_another_layout(tmp
         load_published("span", 4, tmp_path / "rlfn_x4.pth")
     with pytest.raises(ValueError, match="no published-weights layout"):
         load_published("espcn", 4, tmp_path / "rlfn_x4.pth")
+
+
+# --------------------------------------------------------------------------- training from an init
+
+def enabled_params() -> dict:
+    """params.yaml with its commented-out RLFN entry switched on (the documented one switch)."""
+    text = (REPO_ROOT / "params.yaml").read_text()
+    lines, out, inside = text.splitlines(), [], False
+    for line in lines:
+        if line.strip() == "# rlfn:":
+            inside = True
+        if inside and line.startswith("    # "):
+            out.append("    " + line[len("    # "):])
+            continue
+        inside = False
+        out.append(line)
+    return yaml.safe_load("\n".join(out))
+
+
+def test_the_commented_rlfn_entry_names_the_known_checkpoints() -> None:
+    from medsr.pretrained import KNOWN_CHECKPOINTS, checkpoint_inits
+
+    params = enabled_params()
+    assert checkpoint_inits(params) == [("rlfn", 2, KNOWN_CHECKPOINTS[("rlfn", 2)]),
+                                        ("rlfn", 4, KNOWN_CHECKPOINTS[("rlfn", 4)])]
+    assert "rlfn" not in yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]["models"]  # off by default
+
+
+def test_training_with_an_init_starts_from_the_published_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_training import write_pair_sets
+
+    from medsr.training import TrainConfig, load_generator, train_generator
+
+    monkeypatch.chdir(tmp_path)
+    pairs = write_pair_sets(tmp_path / "pairs", 2, hr_size=48, kinds=("standard",))
+    (tmp_path / "pretrained").mkdir()
+    state = random_published_checkpoint(rlfn.RLFNTrunk, 2, tmp_path / "pretrained" / "rlfn_x2.pth")
+    digest = hashlib.sha256((tmp_path / "pretrained" / "rlfn_x2.pth").read_bytes()).hexdigest()
+    init = {**init_for().as_dict(), "file": "rlfn_x2.pth", "sha256": digest}
+    config = TrainConfig(model="rlfn", scale=2, pairs_root=str(pairs), out_dir=str(tmp_path / "out"), steps=2,
+                         batch_size=2, lr_patch=16, lr_generator=1e-6, val_every=2, checkpoint_every=2, quiet=True,
+                         init=init)
+    train_generator(config)
+    trained = load_generator(tmp_path / "out" / "last.pt").state_dict()
+    published = load_published("rlfn", 2, tmp_path / "pretrained" / "rlfn_x2.pth").state_dict()
+    fresh = build_generator("rlfn", 2).state_dict()
+    gap = lambda a, b: float(sum((a[k] - b[k]).abs().max() for k in a))  # noqa: E731
+    assert gap(trained, published) < 1e-3 < gap(fresh, published)
+    assert len(state) == 114
+    # Without the file, training refuses in one line naming it (it never downloads: that is the stage's job).
+    (tmp_path / "pretrained" / "rlfn_x2.pth").unlink()
+    with pytest.raises(SourceError, match=r"pretrained/rlfn_x2.pth is missing: run `dvc repro pretrained`"):
+        train_generator(TrainConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "out2")}))
+
+
+def test_the_model_card_names_the_published_weights_source_licence_and_sha256() -> None:
+    from medsr.registry import model_card
+
+    init = init_for()
+    tags = {"model": "rlfn", "scale": "4", **{f"init_{k}": v for k, v in init.as_dict().items()}}
+    card = model_card("medsr-x4", None, tags, {"action": "promoted", "reason": "a test"})
+    assert (f"started from published weights: {init.source} ({init.url}), licence Apache-2.0, "
+            f"sha256 `{init.sha256}`") in card
+    assert "published weights" not in model_card("medsr-x4", None, {"model": "espcn", "scale": "4"}, {})
