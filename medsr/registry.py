@@ -283,7 +283,9 @@ def candidates_from_benchmark(report: Mapping[str, Any], scale: int, data_versio
     """Every trained model of ``metrics/benchmark.json`` at ``scale`` (bicubic is the reference, not a candidate)."""
     by_model: dict[str, dict[str, ModalityScore]] = {}
     for row in report.get("results", []):
-        if int(row["scale"]) != int(scale) or row["model"] == "bicubic" or row["modality"] == "all":
+        # bicubic and the published references (model@published) are scored beside, never candidates.
+        if (int(row["scale"]) != int(scale) or row["model"] == "bicubic" or row["modality"] == "all"
+                or "@" in row["model"]):
             continue
         by_model.setdefault(row["model"], {})[cell_name(row.get("track", "clean"), row["modality"])] = ModalityScore(
             psnr=float(row["psnr"]), ssim=float(row["ssim"]), bicubic_psnr=float(row["bicubic_psnr"]),

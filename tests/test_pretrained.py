@@ -322,3 +322,30 @@ def test_the_model_card_names_the_published_weights_source_licence_and_sha256() 
     assert (f"started from published weights: {init.source} ({init.url}), licence Apache-2.0, "
             f"sha256 `{init.sha256}`") in card
     assert "published weights" not in model_card("medsr-x4", None, {"model": "espcn", "scale": "4"}, {})
+
+
+def test_the_benchmark_scores_a_published_reference_and_the_registry_never_promotes_it(tmp_path: Path) -> None:
+    from test_training import downscale, smooth_image
+
+    from medsr.benchmark import benchmark
+    from medsr.consistency import ConsistencySettings
+    from medsr.data.pairs import PairItem, write_pairs
+    from medsr.registry import candidates_from_benchmark
+
+    rng = np.random.default_rng(5)
+    for split in ("val", "test"):
+        for track in ("clean", "realistic"):
+            items = []
+            for i in range(2):
+                hr = smooth_image(rng, 40)
+                items.append(PairItem(f"{split}-{i}", ("mri", "xray")[i], hr, downscale(hr, 2)))
+            write_pairs(tmp_path / split / "x2" / track, items, scale=2)
+    torch.manual_seed(0)
+    reference = build_generator("rlfn", 2)
+    report = benchmark([], [2], tmp_path, tmp_path / "models", consistency=ConsistencySettings(steps=2),
+                       latency_side=16, references={"rlfn@published": {2: reference}})
+    scored = {(r["model"], r["track"], r["modality"]) for r in report["results"]}
+    assert ("rlfn@published", "clean", "all") in scored and ("rlfn@published", "realistic", "mri") in scored
+    assert report["models"]["rlfn@published"]["x2"]["phase"] == "published"
+    assert {r["model"] for r in report["ablation"]} == {"rlfn@published"}  # the network alone, beside
+    assert [c.model for c in candidates_from_benchmark(report, 2, "v")] == []
