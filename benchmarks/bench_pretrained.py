@@ -132,6 +132,9 @@ def main() -> None:
 
         write_json(OUT, report)
         print(f"wrote {OUT.relative_to(REPO)}: {len(report['rows'])} rows")
+        from medsr.finetune import markdown_tables
+
+        print(markdown_tables(report))
 
 
 if __name__ == "__main__":

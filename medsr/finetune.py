@@ -16,7 +16,9 @@ keeping the starting point (each measured on validation by ``benchmarks/bench_pr
 * ``freeze``: trunk submodules (by name prefix, e.g. ``conv_1``, ``block_1``) left at the
   published weights.
 
-And, instead of one network for every input, :func:`noise_gated` uses the published network where
+Two choices need no training: :func:`interpolated` takes weights part of the way from the published
+to the fine-tuned ones (WiSE-FT: Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR
+2022), and, instead of one network for every input, :func:`noise_gated` uses the published network where
 the input is clean and the fine-tuned one where it is noisy, blended by the consistency step's own
 noise estimate and weight shape (:func:`medsr.consistency.estimate_noise_sigma`,
 :func:`~medsr.consistency.consistency_strength`): ``w * published + (1 - w) * fine_tuned``.
@@ -179,6 +181,18 @@ def noise_gated(published: nn.Module, tuned: nn.Module, gate: NoiseGate) -> Call
     return predict
 
 
+def interpolated(start: nn.Module, tuned: nn.Module, alpha: float) -> nn.Module:
+    """A copy of ``start`` with weights ``w0 + alpha * (w_tuned - w0)`` (buffers from ``start``), eval mode."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    model = copy.deepcopy(start)
+    tuned_state = tuned.state_dict()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.add_(alpha * (tuned_state[name] - parameter))
+    return model.eval()
+
+
 def score_predictors(predictors: Mapping[str, Callable[[np.ndarray], np.ndarray]], pairs_root: Path, scale: int,
                      split: str, tracks: Sequence[str]) -> list[dict[str, Any]]:
     """The benchmark's rows (:func:`medsr.evaluation.summarize`: per track and modality and ``all``,
@@ -238,6 +252,30 @@ def with_weights(start: nn.Module, state_path: Path) -> nn.Module:
 
 CLEAN_TOLERANCE_DB = 0.1    # shipped may lose at most this to the published network on the clean track
 NOISY_MARGIN_DB = 0.5       # and must beat the scratch champion by at least this on the realistic track
+WISE_ALPHAS = (0.5, 0.75)   # weight-space interpolations tried as the gate's noisy branch
+
+
+def _remember_last(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``predict`` that returns its previous result when called again on the same array object: a
+    variant and the same variant plus the consistency step are scored on one image back to back."""
+    last: list[Any] = [None, None]
+
+    def remembered(lr: np.ndarray) -> np.ndarray:
+        if last[0] is not lr:
+            last[0], last[1] = lr, predict(lr)
+        return last[1]
+
+    return remembered
+
+
+def choose_shipped(val_gains: Mapping[str, Mapping[str, Mapping[str, Any]]], names: Sequence[str]) -> str:
+    """Among ``names``: the best val realistic gain of those within CLEAN_TOLERANCE_DB of the
+    published network's val clean gain; if none is, the best val clean gain."""
+    floor = float(val_gains["published"]["clean"]["gain_db"]) - CLEAN_TOLERANCE_DB
+    keep = [n for n in names if float(val_gains[n]["clean"]["gain_db"]) >= floor]
+    if keep:
+        return max(keep, key=lambda n: float(val_gains[n]["realistic"]["gain_db"]))
+    return max(names, key=lambda n: float(val_gains[n]["clean"]["gain_db"]))
 
 
 def _mean_gain(gains: Mapping[str, Mapping[str, Any]]) -> float:
@@ -263,9 +301,9 @@ def pretrained_report(scales: Sequence[int], weights: Path, checks: list[dict[st
     """Choose on validation, then score val and test: the rows of ``benchmarks/results/pretrained.json``.
 
     ``fine_tuned``: the experiment snapshot with the best mean val ``all`` gain over both tracks.
-    The gate's noisy branch: the snapshot with the best val realistic gain. ``shipped``: the gated
-    pair, with the consistency step on top where that raises the val realistic gain without costing
-    clean gain beyond the tolerance. The scratch champion's rows come from ``benchmark_json``.
+    ``shipped``: a noise-gated pair (published on clean input; on noisy input the best-realistic
+    snapshot, or a WiSE-FT interpolation towards it), with or without the consistency step on top,
+    chosen by :func:`choose_shipped` on val. The scratch champion's rows come from ``benchmark_json``.
     """
     import json
 
@@ -291,25 +329,31 @@ def pretrained_report(scales: Sequence[int], weights: Path, checks: list[dict[st
         start = load_published(architecture, scale, weights / KNOWN_CHECKPOINTS[(architecture, scale)].file).eval()
         experiments = json.loads((cache / f"x{scale}" / "experiments.json").read_text())
         experiments_out += experiments
+
+        def network(entry: Mapping[str, Any]) -> nn.Module:
+            return with_weights(start, cache / f"x{scale}" / entry["recipe"] / f"{entry['snapshot']}.pt")
+
         fine = max(experiments, key=lambda e: _mean_gain(e["val"]))
         noisy = max(experiments, key=lambda e: e["val"]["realistic"]["gain_db"])
-        tuned = with_weights(start, cache / f"x{scale}" / fine["recipe"] / f"{fine['snapshot']}.pt")
-        noisy_net = with_weights(start, cache / f"x{scale}" / noisy["recipe"] / f"{noisy['snapshot']}.pt")
-        gated = noise_gated(start, noisy_net, gate)
-        candidates = {
+        tuned, noisy_net = network(fine), network(noisy)
+        # The gate's noisy branch: the best-realistic snapshot, or part of the way to it (WiSE-FT).
+        branches = {f"{noisy['candidate']}": noisy_net,
+                    **{f"{noisy['candidate']}*{a}": interpolated(start, noisy_net, a) for a in WISE_ALPHAS}}
+        candidates: dict[str, Callable[[np.ndarray], np.ndarray]] = {
             "published": lambda lr: predict_image(start, lr),
             "fine_tuned": lambda lr: predict_image(tuned, lr),
-            "gated": gated,
-            "gated+consistency": lambda lr: refine(gated(lr), lr, scale, consistency),
             "published+consistency": lambda lr: refine(predict_image(start, lr), lr, scale, consistency),
         }
+        gated_names = []
+        for branch, net in branches.items():
+            gated = _remember_last(noise_gated(start, net, gate))
+            candidates[f"gated[{branch}]"] = gated
+            candidates[f"gated[{branch}]+consistency"] = (
+                lambda lr, g=gated: refine(g(lr), lr, scale, consistency))
+            gated_names += [f"gated[{branch}]", f"gated[{branch}]+consistency"]
         val = score_predictors(candidates, pairs_root, scale, "val", tracks)
         val_gains = {name: all_row_gains(val, name) for name in candidates}
-        pub_clean = val_gains["published"]["clean"]["gain_db"]
-        with_step = val_gains["gated+consistency"]
-        helps = (with_step["realistic"]["gain_db"] > val_gains["gated"]["realistic"]["gain_db"]
-                 and with_step["clean"]["gain_db"] >= pub_clean - CLEAN_TOLERANCE_DB)
-        shipped = "gated+consistency" if helps else "gated"
+        shipped = choose_shipped(val_gains, gated_names)
         choices[f"x{scale}"] = {"fine_tuned": fine["candidate"], "gate_noisy_branch": noisy["candidate"],
                                 "gate": asdict(gate), "consistency": consistency.as_dict(),
                                 "shipped": shipped, "val_all_gains": val_gains}
@@ -353,3 +397,34 @@ def targets(rows: Sequence[Mapping[str, Any]], scale: int, architecture: str) ->
         out[split] = {"clean_vs_published_db": round(clean, 4), "realistic_vs_scratch_champion_db": round(noisy, 4),
                       "met": clean >= -CLEAN_TOLERANCE_DB and noisy >= NOISY_MARGIN_DB}
     return out
+
+
+def markdown_tables(report: Mapping[str, Any]) -> str:
+    """The ``all`` rows of a pretrained report as markdown: per scale and split, gain over bicubic in
+    dB with the number of images beside every number; then the validation experiments."""
+    rows = [r for r in report["rows"] if r["modality"] == "all"]
+    lines = []
+    for scale in sorted({r["scale"] for r in rows}):
+        lines += [f"x{scale}, gain over bicubic in dB (n = images)", "",
+                  "| split | architecture | variant | clean | realistic |", "|---|---|---|---:|---:|"]
+        for split in ("val", "test"):
+            cells: dict[tuple[str, str], dict[str, Any]] = {}
+            for r in rows:
+                if r["scale"] == scale and r["split"] == split:
+                    cells.setdefault((r["architecture"], r["variant"]), {})[r["track"]] = r
+            for (arch, variant), by_track in cells.items():
+                text = [f"{by_track[t]['gain_db']:+.2f} (n={by_track[t]['images']})" if t in by_track else "-"
+                        for t in ("clean", "realistic")]
+                lines.append(f"| {split} | {arch} | {variant} | {text[0]} | {text[1]} |")
+        lines.append("")
+    lines += ["Validation experiments (RLFN fine-tuned on the `standard` pairs; `all` rows)", "",
+              "| scale | recipe @ snapshot | clean | realistic |", "|---|---|---:|---:|"]
+    for e in report.get("experiments", []):
+        v = e["val"]
+        lines.append(f"| x{e['scale']} | {e['candidate']} | {v['clean']['gain_db']:+.2f} (n={v['clean']['images']}) "
+                     f"| {v['realistic']['gain_db']:+.2f} (n={v['realistic']['images']}) |")
+    for scale, choice in report.get("choices", {}).items():
+        lines += ["", f"{scale} variants on val (`all`): " + "; ".join(
+            f"{name} {g['clean']['gain_db']:+.2f} / {g['realistic']['gain_db']:+.2f}"
+            for name, g in choice["val_all_gains"].items())]
+    return "\n".join(lines) + "\n"

@@ -88,3 +88,30 @@ def test_a_cached_run_is_reused_and_a_changed_recipe_reruns(pairs_root: Path, st
                              tmp_path / "run")
     assert again["step3"].stat().st_mtime_ns != stamp
     assert with_weights(start, again["step3"]).training is False
+
+
+def test_interpolated_weights_run_from_the_published_to_the_tuned_network(start) -> None:
+    from medsr.finetune import interpolated
+
+    torch.manual_seed(1)
+    tuned = build_generator("rlfn", SCALE)
+    ends = {0.0: start.state_dict(), 1.0: tuned.state_dict()}
+    for alpha, expected in ends.items():
+        got = interpolated(start, tuned, alpha).state_dict()
+        assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected if k.startswith("trunk."))
+    half = interpolated(start, tuned, 0.5).state_dict()
+    key = "trunk.conv_2.weight"
+    torch.testing.assert_close(half[key], (ends[0.0][key] + ends[1.0][key]) / 2)
+    torch.testing.assert_close(half["input_offset_kernel"], start.state_dict()["input_offset_kernel"])
+
+
+def test_the_shipped_variant_is_the_best_on_noise_of_those_that_keep_the_clean_quality() -> None:
+    from medsr.finetune import choose_shipped
+
+    def g(clean: float, noisy: float) -> dict:
+        return {"clean": {"gain_db": clean, "images": 16}, "realistic": {"gain_db": noisy, "images": 16}}
+
+    gains = {"published": g(1.0, 0.0), "a": g(0.95, 2.0), "b": g(0.85, 3.0), "c": g(0.92, 2.5)}
+    assert choose_shipped(gains, ["a", "b", "c"]) == "c"       # b loses 0.15 dB clean: not eligible
+    assert choose_shipped(gains, ["b"]) == "b"                 # none eligible: the best on clean
+    assert choose_shipped({**gains, "d": g(0.5, 1.0)}, ["b", "d"]) == "b"
