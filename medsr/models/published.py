@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,8 +95,8 @@ def pixelshuffle_head(in_channels: int, colours: int, scale: int) -> nn.Sequenti
 class GreyPublishedGenerator(SRGenerator):
     """Base of the grey generators around a published trunk (module docstring).
 
-    Subclasses set ``layout`` and build ``self.trunk`` at 1 colour; the trunk's ``forward`` takes
-    the first convolution's input and an ``offset`` added after that convolution.
+    Subclasses set ``layout`` and ``trunk_class``; the trunk is built at 1 colour, and its ``forward``
+    takes the first convolution's input and an ``offset`` added after that convolution.
     """
 
     layout: PublishedLayout
@@ -120,7 +121,10 @@ class GreyPublishedGenerator(SRGenerator):
         generator.load_state_dict(grey_state_dict(rgb_state, cls.layout, generator), strict=True)
         return generator
 
-    def _finish_init(self) -> None:
+    def __init__(self, scale: int = 4, **trunk_options: Any) -> None:
+        """``trunk_options`` go to the trunk (e.g. ``features``); an unknown one raises TypeError."""
+        super().__init__(scale)
+        self.trunk = self.trunk_class(self.scale, colours=1, **trunk_options)
         first = self.trunk.get_submodule(self.layout.first_conv)
         # Zero for a network built from scratch; grey_state_dict fills it from the published weights.
         self.register_buffer("input_offset_kernel", torch.zeros(first.out_channels, 1, *first.kernel_size))

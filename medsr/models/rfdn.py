@@ -125,8 +125,3 @@ class RFDN(GreyPublishedGenerator):
 
     layout = LAYOUT
     trunk_class = RFDNTrunk
-
-    def __init__(self, scale: int = 4, features: int = FEATURES) -> None:
-        super().__init__(scale)
-        self.trunk = RFDNTrunk(self.scale, colours=1, features=features)
-        self._finish_init()

@@ -110,8 +110,3 @@ class RLFN(GreyPublishedGenerator):
 
     layout = LAYOUT
     trunk_class = RLFNTrunk
-
-    def __init__(self, scale: int = 4, features: int = FEATURES) -> None:
-        super().__init__(scale)
-        self.trunk = RLFNTrunk(self.scale, colours=1, features=features)
-        self._finish_init()

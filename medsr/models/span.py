@@ -114,8 +114,3 @@ class SPAN(GreyPublishedGenerator):
 
     layout = LAYOUT
     trunk_class = SPANTrunk
-
-    def __init__(self, scale: int = 4, features: int = FEATURES) -> None:
-        super().__init__(scale)
-        self.trunk = SPANTrunk(self.scale, colours=1, features=features)
-        self._finish_init()
