@@ -194,7 +194,7 @@ def interpolated(start: nn.Module, tuned: nn.Module, alpha: float) -> nn.Module:
 
 
 def score_predictors(predictors: Mapping[str, Callable[[np.ndarray], np.ndarray]], pairs_root: Path, scale: int,
-                     split: str, tracks: Sequence[str]) -> list[dict[str, Any]]:
+                     split: str, tracks: Sequence[str], max_per_modality: int | None = None) -> list[dict[str, Any]]:
     """The benchmark's rows (:func:`medsr.evaluation.summarize`: per track and modality and ``all``,
     ``gain_db`` over bicubic, ``images``) of each named LR -> SR predictor on ``split``'s whole images."""
     from medsr.benchmark import held_out_images
@@ -208,7 +208,8 @@ def score_predictors(predictors: Mapping[str, Callable[[np.ndarray], np.ndarray]
 
     records: list[dict[str, Any]] = []
     for track in tracks:
-        records += evaluate_images(all_outputs, held_out_images(pairs_root, split, scale, track, {}), scale)
+        records += evaluate_images(all_outputs, held_out_images(pairs_root, split, scale, track, {}, max_per_modality),
+                                   scale)
     return summarize(records)
 
 
@@ -339,10 +340,11 @@ def pretrained_report(scales: Sequence[int], weights: Path, checks: list[dict[st
         # The gate's noisy branch: the best-realistic snapshot, or part of the way to it (WiSE-FT).
         branches = {f"{noisy['candidate']}": noisy_net,
                     **{f"{noisy['candidate']}*{a}": interpolated(start, noisy_net, a) for a in WISE_ALPHAS}}
+        as_published = _remember_last(lambda lr: predict_image(start, lr))
         candidates: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-            "published": lambda lr: predict_image(start, lr),
+            "published": as_published,
             "fine_tuned": lambda lr: predict_image(tuned, lr),
-            "published+consistency": lambda lr: refine(predict_image(start, lr), lr, scale, consistency),
+            "published+consistency": lambda lr: refine(as_published(lr), lr, scale, consistency),
         }
         gated_names = []
         for branch, net in branches.items():
