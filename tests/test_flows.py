@@ -89,7 +89,7 @@ def prefect_server() -> Iterator[str]:
 
 def _copy_repo(work: Path) -> None:
     top_level_skip = {".venv", ".git", "data", "reports", "mlruns", "mlartifacts", "mlflow.db", "models", "benchmarks",
-                      "metrics", "plots", "dvc.lock"}
+                      "metrics", "plots", "dvc.lock", "pretrained", "tmp"}  # pretrained/: a fresh machine has no weights
 
     def skip(folder: str, names: list[str]) -> set[str]:
         skipped = {n for n in names if n in {"__pycache__", ".pytest_cache"}}
