@@ -29,6 +29,7 @@ from typing import Any
 
 from medsr.atomic import atomic_path, write_json
 from medsr.data.sources.errors import SourceError
+from medsr.data.sources.transfer import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ MANIFEST_NAME = ".medsr-local.json"
 FINGERPRINT_PATH = Path("data/local-sources.json")
 _KEEP_IN_DEST = (MANIFEST_NAME, ".medsr-source.json")  # the download's own bookkeeping, not mirrored files
 _DICOM_MAGIC_OFFSET = 128
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -135,14 +135,6 @@ def _no_images(root: Path, modality: str, suffixes: tuple[str, ...]) -> SourceEr
                        f"({' '.join(suffixes)}, or DICOM); put the images there or fix the path")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_manifest(dest: Path) -> dict[str, dict[str, Any]]:
     import json
 
@@ -186,8 +178,8 @@ def sync_local_images(path: Any, dest: Path, suffixes: tuple[str, ...], modality
             sha = str(before["sha256"])  # size and mtime unchanged since the last sync: not re-read
             report.unchanged += 1
         else:
-            sha = _sha256(source)
-            known = before.get("sha256") if before else (_sha256(target) if present else None)
+            sha = sha256_file(source)
+            known = before.get("sha256") if before else (sha256_file(target) if present else None)
             if present and known == sha:
                 report.unchanged += 1  # touched or copied over with the same bytes
             else:
