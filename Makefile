@@ -47,6 +47,10 @@ bench: venv
 	$(PY) benchmarks/bench_inference_paths.py
 	$(PY) benchmarks/bench_orchestration.py
 	$(PY) benchmarks/probe_noisy_reference.py  # quality, val only: needs the models of `make run`
+	@# published weights (docs/pretrained.md): only where they have been placed in pretrained/ (~70 min of CPU, cached in tmp/)
+	@if ls pretrained/rlfn_x2.pth pretrained/rlfn_x4.pth pretrained/span_ch28_x4.pth pretrained/rfdn_x4.pth >/dev/null 2>&1; \
+	then $(PY) benchmarks/bench_pretrained.py; \
+	else echo "bench_pretrained: skipped, no published weights in pretrained/ (see docs/pretrained.md)"; fi
 
 # Serves the registry's champion (run `make run` first) on 127.0.0.1:3000.
 serve: venv

@@ -117,9 +117,11 @@ class RetryPolicy:
 
 
 def retry_policy(params: dict[str, Any], stage: str) -> RetryPolicy:
-    """download -> flows.download, train@* -> flows.train, the rest -> flows.default."""
+    """download and pretrained (network fetches) -> flows.download, train@* -> flows.train, the rest ->
+    flows.default."""
     cfg = params.get("flows") or {}
-    key = "download" if stage == "download" else "train" if stage.split("@")[0] == "train" else "default"
+    key = ("download" if stage in ("download", "pretrained")
+           else "train" if stage.split("@")[0] == "train" else "default")
     chosen = cfg.get(key) or {}
     return RetryPolicy(retries=int(chosen.get("retries", 0)), backoff_seconds=float(chosen.get("backoff_seconds", 0.0)))
 

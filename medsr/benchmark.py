@@ -29,6 +29,7 @@ from medsr.evaluation import HeldOutImage, evaluate_images, summarize
 from medsr.models import build_generator, count_parameters
 from medsr.params import section
 from medsr.pipeline import METRICS_DIR, PAIRS_DIR, SPLIT_DIR
+from medsr.pretrained import PRETRAINED_ROOT, checkpoint_inits, load_published
 from medsr.training.checkpoint import checkpoint_info, load_generator
 from medsr.training.stage import MODELS_DIR
 from medsr.training.trainer import predict_image
@@ -38,6 +39,7 @@ RAW_SUFFIX = ":raw"  # the network's output before the consistency step, in the 
 # A model is worth shipping only where it beats this, not just plain bicubic.
 CONSISTENCY_BASELINE = "bicubic+consistency"
 BASELINES = ("bicubic", CONSISTENCY_BASELINE)
+PUBLISHED_SUFFIX = "@published"  # a published checkpoint scored as it is (a reference, never a registry candidate)
 
 LAYERS_WITH_MACS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
@@ -173,8 +175,12 @@ def image_sources(split_table: Path) -> dict[str, str]:
 def benchmark(models: Sequence[str], scales: Sequence[int], pairs_root: Path, models_root: Path,
               *, tracks: Sequence[str] = TRACKS, consistency: ConsistencySettings = ConsistencySettings(),
               sources: Mapping[str, str] | None = None, latency_side: int = 256, device: str = "cpu",
-              max_per_modality: int | None = None) -> dict[str, Any]:
+              max_per_modality: int | None = None,
+              references: Mapping[str, Mapping[int, nn.Module]] | None = None) -> dict[str, Any]:
     """Score each trained model and both baselines on the test and val tracks, per modality.
+
+    ``references``: networks scored beside them without a checkpoint of their own, by name and
+    scale: a published network as a user gets it (``rlfn@published``, :mod:`medsr.pretrained`).
 
     ``results``: test rows per model (and ``bicubic``, ``bicubic+consistency``), scale, track and
     modality (and ``all``), each with ``images``, ``files``, PSNR/SSIM, bicubic's, ``gain_db`` and
@@ -200,12 +206,16 @@ def benchmark(models: Sequence[str], scales: Sequence[int], pairs_root: Path, mo
         records = {split: [] for split in EVAL_SPLITS}
         for (split, _track), images in sets.items():
             records[split] += evaluate_images(baseline_outputs(scale, consistency, device), images, scale)
-        for name in (*BASELINES, *models):
+        extra = {name: networks[scale] for name, networks in (references or {}).items() if scale in networks}
+        for name in (*BASELINES, *models, *extra):
             if name in BASELINES:
                 generator, info = baseline, {}
             else:
-                checkpoint = models_root / name / f"x{scale}" / "best.pt"
-                generator, info = load_generator(checkpoint, device), checkpoint_info(checkpoint)
+                if name in extra:
+                    generator, info = extra[name].to(device).eval(), {"phase": "published"}
+                else:
+                    checkpoint = models_root / name / f"x{scale}" / "best.pt"
+                    generator, info = load_generator(checkpoint, device), checkpoint_info(checkpoint)
                 outputs = model_outputs(generator, name, scale, consistency, device)
                 for (split, _track), images in sets.items():
                     records[split] += evaluate_images(outputs, images, scale)
@@ -316,10 +326,14 @@ def benchmark_stage(params: dict[str, Any]) -> dict[str, Any]:
     consistency = ConsistencySettings.from_params(params.get("consistency"))
     models = [str(m) for m in section(params, "train.models")]  # the keys DVC's train foreach iterates over
     limit = cfg.get("max_images_per_modality")
+    references: dict[str, dict[int, nn.Module]] = {}
+    for model, scale, init in checkpoint_inits(params):  # each imported checkpoint as published, beside its fine-tune
+        references.setdefault(f"{model}{PUBLISHED_SUFFIX}", {})[scale] = load_published(
+            model, scale, PRETRAINED_ROOT / init.file)
     report = benchmark(models, scales, PAIRS_DIR, MODELS_DIR, tracks=tracks, consistency=consistency,
                        sources=image_sources(SPLIT_DIR / "images.parquet"),
                        latency_side=int(cfg.get("latency_side", 256)),
-                       max_per_modality=None if limit is None else int(limit))
+                       max_per_modality=None if limit is None else int(limit), references=references)
     write_json(METRICS_DIR / "benchmark.json", report)
     plots = Path("plots")
     fields = ["series", "modality", "model", "scale", "track", "psnr", "ssim", "gain_db", "ssim_gain", "images"]

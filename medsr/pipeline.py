@@ -116,7 +116,7 @@ def validate_stage(params: dict[str, Any]) -> dict[str, Any]:
 
 def split_stage(params: dict[str, Any]) -> dict[str, Any]:
     """Split the validated table (see medsr.data.split); refuse to write a split that leaks."""
-    from medsr.data.split import GAP, SPLITS, files_per_split, find_leaks, split_table
+    from medsr.data.split import GAP, SPLITS, empty_splits, files_per_split, find_leaks, split_table
 
     cfg = section(params, "data.split")
     table = pd.read_parquet(VALIDATED_DIR / TABLE_NAME)
@@ -124,6 +124,10 @@ def split_stage(params: dict[str, Any]) -> dict[str, Any]:
     leaks = find_leaks(result)
     if leaks:  # a bug, not bad input: never let it through
         raise StageFailed(f"split leaked across splits ({len(leaks)} finding(s), first: {leaks[0]}); refusing to write it")
+    empty = empty_splits(result, cfg["fractions"])
+    if empty:  # a model would be chosen and scored without any image of that modality
+        raise StageFailed(f"split: {'; '.join(empty)}; add images of that modality (or more files), or see "
+                          f"{REPORTS_DIR / 'validation.html'} for what was quarantined")
     with atomic_dir(SPLIT_DIR) as tmp:
         result.to_parquet(tmp / TABLE_NAME, index=False)
     summary = {

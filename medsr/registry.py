@@ -302,6 +302,7 @@ def margin_over_baseline(score: ModalityScore) -> float | None:
 
 BASELINE = "bicubic+consistency"  # what eligibility is judged against (medsr.benchmark.CONSISTENCY_BASELINE)
 REFERENCES = ("bicubic", BASELINE)  # benchmark rows that are baselines, not candidates
+PUBLISHED_MARK = "@"  # rlfn@published: a published checkpoint as it is (medsr.benchmark.PUBLISHED_SUFFIX)
 
 
 def candidates_from_benchmark(report: Mapping[str, Any], scale: int, data_version: str) -> list[Candidate]:
@@ -316,7 +317,8 @@ def candidates_from_benchmark(report: Mapping[str, Any], scale: int, data_versio
                             "that baseline; rerun the benchmark (`dvc repro benchmark`)")
     by_model: dict[str, dict[str, ModalityScore]] = {}
     for row in rows:
-        if row["model"] in REFERENCES:
+        # The baselines and the published references (model@published) are scored beside, never candidates.
+        if row["model"] in REFERENCES or PUBLISHED_MARK in row["model"]:
             continue
         by_model.setdefault(row["model"], {})[cell_name(row.get("track", "clean"), row["modality"])] = ModalityScore(
             psnr=float(row["psnr"]), ssim=float(row["ssim"]), bicubic_psnr=float(row["bicubic_psnr"]),
@@ -543,6 +545,8 @@ def version_tags(candidate: Candidate, run: Any, current_commit: str) -> dict[st
                 "feature_loss"):
         if details.get(key) is not None:
             tags[key] = str(details[key])
+    # A model fine-tuned from published weights carries their origin and licence (medsr.pretrained).
+    tags.update({key: value for key, value in run_tags.items() if key.startswith("init_")})
     return tags
 
 
@@ -615,6 +619,8 @@ def model_card(name: str, version: ModelVersion | None, tags: Mapping[str, str],
               "adversarial: trained as a GAN)",
               f"- trained {tags.get('trained_at', '?')} for {tags.get('trained_steps', '?')} steps (profile `{tags.get('profile', '?')}`, "
               f"feature loss `{tags.get('feature_loss', '?')}`), best validation PSNR {tags.get('best_val_psnr', '?')} dB",
+              *([f"- started from published weights: {tags['init_source']} ({tags.get('init_url', '?')}), licence "
+                 f"{tags.get('init_licence', '?')}, sha256 `{tags.get('init_sha256', '?')}`"] if "init_source" in tags else []),
               f"- MLflow run `{tags.get('run_id', '?')}`, params hash `{tags.get('params_hash', '?')}`, git commit `{tags.get('git_commit', '?')}`",
               f"- data version (test numbers) `{tags.get('data_version', '?')}`; trained on `{tags.get('train_data_version', '?')}`",
               "", "## Registry decision", "", f"- {decision.get('action', '?')}: {decision.get('reason', '')}"]

@@ -39,9 +39,10 @@ QUIET_ENV: dict[str, str] = {
 
 SERVING_KEYS: tuple[str, ...] = (
     "host", "port", "device", "alias", "max_output_pixels", "max_upload_bytes", "max_array_output_pixels",
-    "max_in_flight", "shed_seconds", "tile",
+    "max_json_bytes", "max_json_depth", "max_json_number_chars", "max_in_flight", "max_wait_s",
+    "read_timeout_s", "compute_timeout_s", "tile",
     "tile_batch", "consistency_warning_db", "demo_max_side", "max_cached_versions", "threads", "torch_threads",
-    "png_level", "refine", "batching",
+    "png_level", "refine", "batching", "shutdown_grace_s",
 )
 
 

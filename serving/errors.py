@@ -10,7 +10,6 @@ Starlette's plain text) into the one format, and counts responses by the status 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import json
 import logging
@@ -24,7 +23,10 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 
-from serving.metrics import REQUESTS
+from serving.admission import Admission, BodyBuffer, ReadDeadline, deadline_receive
+from serving.jsonlimits import JSONLimitError, JSONLimits, parse_limited
+from serving.metrics import REQUESTS, restore_path
+from serving.multipart import MultipartScreen, Rejection
 from serving.uploads import InputError
 
 logger = logging.getLogger("bentoml.medsr")
@@ -144,86 +146,20 @@ def normalised_error(status: int, body: bytes, content_type: str) -> tuple[int, 
     return status, error_body(status, text or f"HTTP {status}")
 
 
-Rejection = tuple[int, str, str]
+def _plain_query(raw: bytes) -> str:
+    """A query string's parameter names (never their values: a client's text), "" for none."""
+    from urllib.parse import parse_qsl
 
-_DISPOSITION = re.compile(rb'(?im)^content-disposition:[^\r\n]*')
-_PARAMETER = re.compile(rb'(?i);\s*(name|filename\*?)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\r\n]*)')
-_SAFE_SUFFIX = re.compile(r"(\.[A-Za-z0-9]{1,8}){1,2}$")
-_MAX_PART_HEADER = 16 * 1024
-
-
-def neutral_file_name(name: str) -> str:
-    """``upload`` plus the client's extension (``.dcm``, ``.nii.gz``): the rest of a client's
-    file name can be a patient's name and any length, so it never reaches a path or a log."""
-    suffix = _SAFE_SUFFIX.search(name[-20:])
-    return "upload" + (suffix.group(0).lower() if suffix else "")
+    names = [name for name, _ in parse_qsl(raw.decode("latin-1"), keep_blank_values=True)]
+    if raw and not names:
+        return "(unparsed)"
+    return "&".join(dict.fromkeys(name if re.match(r"^[A-Za-z0-9_.-]{1,40}$", name) else "..." for name in names))
 
 
-class MultipartScreen:
-    """Streams a multipart body through, rewriting each part's header.
-
-    Every ``filename`` becomes :func:`neutral_file_name`; a ``file`` part without a filename (a
-    text field, ``curl -F file=ct.dcm`` without the ``@``) is a :data:`Rejection`. Part headers
-    may straddle chunks, so a chunk's tail that could begin a delimiter or hold an unfinished
-    header is carried into the next one.
-    """
-
-    def __init__(self, boundary: bytes) -> None:
-        self.delimiter = b"--" + boundary
-        self.carry = b""
-        self.rejection: Rejection | None = None
-
-    def feed(self, chunk: bytes, final: bool) -> bytes:
-        data = self.carry + chunk
-        self.carry = b""
-        out: list[bytes] = []
-        position = 0
-        while True:
-            found = data.find(self.delimiter, position)
-            if found < 0:
-                break
-            header_start = found + len(self.delimiter)
-            header_end = data.find(b"\r\n\r\n", header_start)
-            if header_end < 0:
-                if not final and len(data) - found < _MAX_PART_HEADER:
-                    out.append(data[position:found])
-                    self.carry = data[found:]
-                    return b"".join(out)
-                break
-            out.append(data[position:header_start])
-            out.append(self._rewritten(data[header_start:header_end]))
-            position = header_end
-        keep = 0 if final else min(len(data) - position, len(self.delimiter))
-        out.append(data[position:len(data) - keep])
-        self.carry = data[len(data) - keep:]
-        return b"".join(out)
-
-    def _rewritten(self, header: bytes) -> bytes:
-        disposition = _DISPOSITION.search(header)
-        if disposition is None:
-            return header
-        line = disposition.group(0)
-        parameters = {key.lower(): value for key, value in _PARAMETER.findall(line)}
-        name = parameters.get(b"name", b"").strip(b'"')
-        has_file = b"filename" in parameters or b"filename*" in parameters
-        if name == b"file" and not has_file and self.rejection is None:
-            self.rejection = (400, "the `file` field holds text, not a file (sent without a file name)",
-                              "attach the file itself: curl -F file=@ct.dcm (with the @), or "
-                              "requests.post(url, files={'file': open('ct.dcm', 'rb')})")
-        if not has_file:
-            return header
-        original = (parameters.get(b"filename") or parameters.get(b"filename*") or b"").strip(b'"')
-        neutral = neutral_file_name(original.decode("latin-1")).encode()
-        stripped = _PARAMETER.sub(lambda m: b"" if m.group(1).lower().startswith(b"filename") else m.group(0), line)
-        new_line = stripped + b'; filename="' + neutral + b'"'
-        return header[:disposition.start()] + new_line + header[disposition.end():]
-
-
-def _array_output_pixels(body: bytes) -> int | None:
+def _array_output_pixels(payload: Any) -> int | None:
     """Output pixels an /upscale_array body asks for (all images together); None when it is not
     the documented shape (request validation then names the problem)."""
     try:
-        payload = json.loads(body)
         total = 0
         for item in payload["images"]:
             scale = int(item.get("scale", 4))
@@ -233,7 +169,7 @@ def _array_output_pixels(body: bytes) -> int | None:
                 height, width = (int(side) for side in item["shape"])
             total += max(height, 0) * max(width, 0) * scale * scale
         return total
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
         return None
 
 
@@ -247,77 +183,32 @@ class GatewayMiddleware:
       routes get 400/415 with the fix; multipart part headers are screened (:class:`MultipartScreen`);
     * /upscale_array requests whose results would exceed ``max_array_output_pixels`` get 413
       before any work (the response, not only the request, is bounded);
-    * file requests (/upscale, /demo): at most ``computing`` (the worker's threads) reach the
-      service at once; up to ``max_in_flight - computing`` more wait here in arrival order, which
-      absorbs a few clients; beyond that they get 429 with ``Retry-After`` at once, instead of a
-      queue whose wait grows with every client. Once the queue has overflowed (a 429 was sent)
-      the worker is overloaded: for ``shed_seconds`` after the last 429 it queues nothing (the
-      waiting requests get their 429 then), since a queue that cannot drain only adds request
-      times to every answer: the answered ones come back in about one request time;
+    * bodies are read here, within ``read_timeout_s`` (else 408), before a file request
+      (/upscale, /demo) is admitted, so a slow upload holds no compute slot; admission is by
+      expected wait (:class:`serving.admission.Admission`: 429 with ``Retry-After`` = that wait);
+    * an admitted request not answered within ``compute_timeout_s`` gets 503 (its computation
+      keeps its slot until it ends, so the worker is not oversubscribed);
     * every error response (status >= 400) is rewritten into :func:`error_body`'s format, and
       every response is counted in ``medsr_requests_total`` by the status actually sent.
     """
 
-    def __init__(self, app: Any, max_upload_bytes: int, max_array_output_pixels: int, max_in_flight: int,
-                 computing: int = 0, shed_seconds: float = 0.0) -> None:
+    def __init__(self, app: Any, max_upload_bytes: int, max_array_output_pixels: int, admission: Admission,
+                 read_timeout_s: float = math.inf, compute_timeout_s: float = math.inf,
+                 json_limits: JSONLimits | None = None, form_fields: dict[str, tuple[str, ...]] | None = None) -> None:
         self.app = app
+        self.admission = admission
+        self.read_timeout_s = float(read_timeout_s)
+        self.compute_timeout_s = float(compute_timeout_s)
+        self.form_fields = dict(form_fields or {})
+        self.json_limits = json_limits or JSONLimits(max_bytes=int(max_upload_bytes))
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_array_output_pixels = int(max_array_output_pixels)
-        self.max_in_flight = int(max_in_flight)
-        self.computing = min(int(computing), self.max_in_flight) if int(computing) > 0 else self.max_in_flight
-        self.shed_seconds = float(shed_seconds)
-        self.last_refusal = -math.inf
-        # One event loop runs all of this: no locks. Waiters get True (go on) or False (refused).
-        self.running = 0
-        self.waiting: collections.deque[asyncio.Future[bool]] = collections.deque()
-
-    @property
-    def in_flight(self) -> int:
-        """File requests admitted and not yet answered: computing or waiting."""
-        return self.running + len(self.waiting)
-
-    def overloaded(self, now: float) -> bool:
-        return now - self.last_refusal < self.shed_seconds
-
-    async def admit(self) -> bool:
-        """Wait for a turn to compute; False: refused (the caller answers 429)."""
-        if self.max_in_flight <= 0:
-            self.running += 1
-            return True
-        now = time.monotonic()
-        if not self.waiting and self.running < self.computing:
-            self.running += 1
-            return True
-        if self.overloaded(now) or self.in_flight >= self.max_in_flight:
-            self.last_refusal = now
-            while self.waiting:  # overloaded: the queue will not drain in time, refuse it now
-                waiter = self.waiting.popleft()
-                if not waiter.done():
-                    waiter.set_result(False)
-            return False
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.waiting.append(waiter)
-        try:
-            return await waiter  # release() hands over the slot (running already counts us)
-        except asyncio.CancelledError:  # the client went away while waiting
-            if waiter in self.waiting:
-                self.waiting.remove(waiter)
-            elif waiter.done() and not waiter.cancelled() and waiter.result():
-                self.release()  # the slot came as we were cancelled: pass it on
-            raise
-
-    def release(self) -> None:
-        self.running -= 1
-        while self.waiting and self.running < self.computing:
-            waiter = self.waiting.popleft()
-            if not waiter.done():
-                self.running += 1
-                waiter.set_result(True)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope = restore_path(scope)  # the outer middlewares saw only its label
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
         incoming = headers.get("x-request-id", "")
         request_id = incoming if _REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
@@ -327,28 +218,92 @@ class GatewayMiddleware:
         path, method = scope.get("path", ""), scope.get("method", "GET")
         endpoint = endpoint_label(path)
         try:
-            state: dict[str, Any] = {}
-            admitted = False
-            if method == "POST" and path in MULTIPART_ROUTES:
-                if not await self.admit():
-                    await self._reject(send, (429, f"busy: {self.in_flight} requests are being computed or wait, "
-                                              f"the most this worker admits now (serving.max_in_flight)",
-                                              "retry after the Retry-After seconds, or add workers"),
-                                       request_id, path, endpoint, retry_after=1)
-                    return
-                admitted = True
-            try:
-                if method == "POST" and path in MULTIPART_ROUTES | JSON_ROUTES:
-                    rejection, receive = await self._screen(path, headers, receive, state)
-                    if rejection is not None:
-                        await self._reject(send, rejection, request_id, path, endpoint)
-                        return
-                await self._forward(scope, receive, send, request_id, endpoint, state)
-            finally:
-                if admitted:
-                    self.release()
+            if method == "POST" and path in MULTIPART_ROUTES | JSON_ROUTES:
+                await self._api_request(scope, receive, send, headers, request_id, endpoint)
+            else:
+                await self._forward(scope, receive, send, request_id, endpoint, {})
         finally:
             REQUEST_ID.reset(token)
+
+    async def _api_request(self, scope: dict[str, Any], receive: Any, send: Any, headers: dict[str, str],
+                           request_id: str, endpoint: str) -> None:
+        """Screen and read the whole body (read deadline), admit, then forward (compute deadline)."""
+        path, state = scope["path"], {}
+        timed = deadline_receive(receive, self.read_timeout_s)
+        body = BodyBuffer()
+        try:
+            try:
+                rejection, screened = await self._screen(path, headers, timed, state,
+                                                         _plain_query(scope.get("query_string", b"")))
+                if rejection is None:
+                    rejection = await self._read_whole(screened, body, state)
+            except ReadDeadline:
+                rejection = (408, f"the request body did not arrive within serving.read_timeout_s = "
+                             f"{self.read_timeout_s:g} s", "send the file in one go from a faster connection, or "
+                             "split it; the deadline counts from the request's first byte")
+            if rejection is not None:
+                await self._reject(send, rejection, request_id, path, endpoint)
+                return
+            admission = self.admission if path in MULTIPART_ROUTES else None
+            if admission is not None and not await admission.admit():
+                wait = admission.expected_wait()
+                await self._reject(send, (429, f"busy: the expected wait is {wait:.1f} s ({admission.in_flight} "
+                                          f"requests computing or queued), over serving.max_wait_s = "
+                                          f"{admission.max_wait_s:g} s", "retry after the Retry-After seconds, "
+                                          "or add workers"), request_id, path, endpoint,
+                                   retry_after=admission.retry_after())
+                return
+            await self._compute(scope, body.replay(receive), send, request_id, endpoint, state, admission)
+        finally:
+            body.close()
+
+    async def _read_whole(self, receive: Any, body: BodyBuffer, state: dict[str, Any]) -> Rejection | None:
+        """Drain the screened body into ``body``; a rejection when the screen or limit refuses it."""
+        while True:
+            message = await receive()
+            if "rejection" in state:
+                return state["rejection"]
+            if message.get("type") != "http.request":
+                return (400, "the client left before sending the whole body", "send the whole request body")
+            body.write(message.get("body", b""))
+            if not message.get("more_body", False):
+                screen = state.get("screen")
+                if screen is not None and not screen.closed:
+                    return (400, "malformed multipart body: it ends before its closing delimiter (--boundary--)",
+                            "let your HTTP client build the multipart body (curl -F file=@image.dcm, requests' files=...)")
+                return None
+
+    async def _compute(self, scope: dict[str, Any], receive: Any, send: Any, request_id: str, endpoint: str,
+                       state: dict[str, Any], admission: Admission | None) -> None:
+        """Forward to the app; past ``compute_timeout_s`` answer 503 and let the work end on its own."""
+        granted = time.monotonic()
+
+        def finished(_task: Any = None) -> None:
+            if admission is not None:
+                admission.release(time.monotonic() - granted)
+
+        task = asyncio.ensure_future(self._forward(scope, receive, send, request_id, endpoint, state))
+        try:
+            limit = self.compute_timeout_s if math.isfinite(self.compute_timeout_s) else None
+            done, _pending = await asyncio.wait({task}, timeout=limit)
+        except asyncio.CancelledError:
+            task.cancel()
+            finished()
+            raise
+        if task in done or state.get("responded"):
+            if task not in done:
+                await task  # the response is already on its way: let it finish
+            finished()
+            task.result()
+            return
+        state["abandoned"] = True  # the app's response, when it comes, goes nowhere
+        task.add_done_callback(finished)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieve, so nothing warns
+        await self._reject(send, (503, f"the computation did not finish within serving.compute_timeout_s = "
+                                  f"{self.compute_timeout_s:g} s", "send a smaller image or a smaller scale, or "
+                                  "retry later; the worker goes on with the others"),
+                           request_id, scope.get("path", ""), endpoint, retry_after=max(1, math.ceil(
+                               admission.expected_wait() if admission is not None else 1)))
 
     async def _reject(self, send: Any, rejection: Rejection, request_id: str, path: str, endpoint: str,
                       retry_after: int | None = None) -> None:
@@ -358,9 +313,13 @@ class GatewayMiddleware:
         extra = [(b"retry-after", str(retry_after).encode())] if retry_after is not None else None
         await self._send_json(send, status, error_body(status, error, fix), request_id, base_headers=extra)
 
-    async def _screen(self, path: str, headers: dict[str, str], receive: Any, state: dict[str, Any]
-                      ) -> tuple[Rejection | None, Any]:
+    async def _screen(self, path: str, headers: dict[str, str], receive: Any, state: dict[str, Any],
+                      query: str = "") -> tuple[Rejection | None, Any]:
         """Checks done before the app reads the body; returns (rejection, receive to use)."""
+        if query:
+            where = "multipart form fields" if path in MULTIPART_ROUTES else "the JSON body"
+            return (400, f"query parameters are not read by {path} (the URL has ?{'...' if len(query) > 40 else query})",
+                    f"send the options as {where} (e.g. curl -F file=@image.dcm -F scale=2), not in the URL"), receive
         content_type = headers.get("content-type", "")
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_upload_bytes:
@@ -388,12 +347,15 @@ class GatewayMiddleware:
                 return (400, "malformed multipart body (it does not start with the declared boundary)",
                         "let your HTTP client build the multipart body (curl -F file=@image.dcm, "
                         "requests' files=..., the BentoML client)"), receive
-            screen = MultipartScreen(boundary.group(1).encode("latin-1"))
+            screen = state["screen"] = MultipartScreen(boundary.group(1).encode("latin-1"), self.form_fields.get(path),
+                                                       path)
             first = {**first, "body": screen.feed(body, final=not more)}
             if screen.rejection is not None:
                 return screen.rejection, receive
             return None, self._screened(first, receive, screen, state)
-        # JSON: the whole body is read here (bounded by max_upload_bytes) to bound the response.
+        # JSON: the whole body is read here (bounded by max_json_bytes) and parsed with limits
+        # (serving.jsonlimits) before the app sees it, to bound the response and the parse.
+        limit = min(self.max_upload_bytes, self.json_limits.max_bytes)
         chunks, received = [body], len(body)
         while more:
             message = await receive()
@@ -402,11 +364,15 @@ class GatewayMiddleware:
             chunks.append(message.get("body", b""))
             received += len(chunks[-1])
             more = bool(message.get("more_body", False))
-            if received > self.max_upload_bytes:
-                return (413, f"request body too large: over serving.max_upload_bytes = {self.max_upload_bytes} bytes",
-                        "send fewer or smaller images per request, or raise serving.max_upload_bytes"), receive
+            if received > limit:
+                return (413, f"request body too large: over {limit} bytes (serving.max_json_bytes, max_upload_bytes)",
+                        "send fewer or smaller images per request, or use /upscale, which tiles large files"), receive
         whole = b"".join(chunks)
-        wanted = _array_output_pixels(whole)
+        try:
+            payload = parse_limited(whole, self.json_limits)
+        except JSONLimitError as err:
+            return (err.status, err.error, err.fix), receive
+        wanted = _array_output_pixels(payload)
         if wanted is not None and wanted > self.max_array_output_pixels:
             return (413, f"response too large: the results would hold {wanted} pixels, over "
                     f"serving.max_array_output_pixels = {self.max_array_output_pixels}",
@@ -458,6 +424,9 @@ class GatewayMiddleware:
         chunks: list[bytes] = []
 
         async def wrapped_send(message: dict[str, Any]) -> None:
+            if state.get("abandoned"):
+                return  # answered 503 at the compute deadline
+            state["responded"] = True
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 response_headers = MutableHeaders(raw=list(message.get("headers", [])))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import bentoml
 
 from medsr.inference import PhaseTimer
@@ -37,3 +39,54 @@ def server_timing(timer: PhaseTimer) -> str:
     ``total``, the wall-clock time in the worker (less than the sum where phases overlapped)."""
     entries = [f"{phase};dur={seconds * 1000.0:.2f}" for phase, seconds in timer.seconds.items()]
     return ", ".join([*entries, f"total;dur={timer.elapsed() * 1000.0:.2f}"])
+
+
+# Paths that are labels on BentoML's own request metrics as they are; any other path is one label
+# (a client's URL is its text: every random path was a new series, and /patient/Doe%5EJohn a
+# patient's name in /metrics).
+METRIC_PATHS = frozenset({"/", "/upscale", "/upscale_array", "/demo", "/info", "/samples", "/livez", "/readyz",
+                          "/healthz", "/metrics", "/docs", "/docs.json", "/schema.json"})
+METRIC_PREFIXES: tuple[tuple[str, str], ...] = (("/samples/", "/samples/{sample_id}"), ("/static/", "/static/{path}"))
+OTHER_PATH = "/{other}"
+_REAL_PATH = "medsr.real_path"
+
+
+def path_label(path: str) -> str:
+    """The ``endpoint`` label of a request path: a route, a route template, or ``/{other}``."""
+    if path in METRIC_PATHS:
+        return path
+    for prefix, label in METRIC_PREFIXES:
+        if path.startswith(prefix):
+            return label
+    return OTHER_PATH
+
+
+def restore_path(scope: dict[str, Any]) -> dict[str, Any]:
+    """The scope with the request's real path back (see :func:`bound_path_labels`)."""
+    return {**scope, "path": scope[_REAL_PATH]} if _REAL_PATH in scope else scope
+
+
+def bound_path_labels() -> None:
+    """Make BentoML's traffic metrics and access log see requests by :func:`path_label`.
+
+    Its metrics middleware reads ``scope["path"]`` for the label before calling the app, and the
+    service's own middlewares run inside it (inside the access log too, which would log a URL's
+    text: /patient/Doe%5EJohn). So the metrics middleware class is replaced, before the app is
+    built (it is looked up by name then), by one that puts the label in ``scope["path"]``; the
+    gateway middleware gives the app the real path back (:func:`restore_path`).
+    """
+    from bentoml._internal.server.http import instruments
+
+    base = instruments.RunnerTrafficMetricsMiddleware
+    if getattr(base, "medsr_bounded", False):
+        return
+
+    class BoundedPathMetrics(base):  # type: ignore[misc, valid-type]
+        medsr_bounded = True
+
+        async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope.get("type") == "http" and path_label(scope.get("path", "")) != scope.get("path"):
+                scope = {**scope, _REAL_PATH: scope["path"], "path": path_label(scope["path"])}
+            await super().__call__(scope, receive, send)
+
+    instruments.RunnerTrafficMetricsMiddleware = BoundedPathMetrics

@@ -38,6 +38,7 @@ import bentoml
 import numpy as np
 from starlette.responses import Response
 
+from medsr.dicom_log import scrub_pydicom_warnings
 from medsr.inference import (
     LoadedGenerator,
     ModelNotFoundError,
@@ -54,6 +55,7 @@ from medsr.inference import (
     upscale_image,
 )
 from serving import load_config
+from serving.admission import Admission
 from serving.errors import (
     REQUEST_ID,
     ClientErrorLogFilter,
@@ -63,9 +65,18 @@ from serving.errors import (
     input_error_response,
     scrubbed,
 )
-from serving.metrics import CONSISTENCY, INFERENCE_SECONDS, OUTPUT_MEGAPIXELS, observe_phases, server_timing
+from serving.jsonlimits import JSONLimits
+from serving.metrics import (
+    CONSISTENCY,
+    INFERENCE_SECONDS,
+    OUTPUT_MEGAPIXELS,
+    bound_path_labels,
+    observe_phases,
+    server_timing,
+)
 from serving.packaging import load_bentoml_generator
 from serving.schemas import AVAILABLE_SCALES, LIMITS, ArrayImage, ArrayResult
+from serving.shutdown import bound_shutdown
 from serving.threads import ThreadBudget
 from serving.uploads import InputError, Refiner, read_upload, upscale_file
 from serving.web import png_data_url, public_samples, side_by_side, web_app
@@ -74,6 +85,8 @@ from serving.web import png_data_url, public_samples, side_by_side, web_app
 logger = logging.getLogger("bentoml.medsr")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLogFilter())
+bound_path_labels()
+scrub_pydicom_warnings()
 
 CONFIG = load_config()
 SERVING = CONFIG.serving
@@ -89,7 +102,8 @@ MODEL_SOURCE = str(getattr(ARGUMENTS, "model_source", None) or "mlflow")
 PACKAGED_TAGS: dict[int, str] = {
     int(scale): tag for scale, tag in json.loads(str(getattr(ARGUMENTS, "bento_models", None) or "{}")).items()
 }
-EXPOSED_HEADERS = "X-MedSR-Consistency-PSNR, X-MedSR-Consistency-Warning, X-Request-ID, Server-Timing"
+EXPOSED_HEADERS = ("X-MedSR-Consistency-PSNR, X-MedSR-Consistency-Warning, X-MedSR-Converted, X-Request-ID, "
+                   "Server-Timing")
 
 
 def _refiner() -> Refiner | None:
@@ -141,6 +155,8 @@ class MedSR:
         self._lock = threading.Lock()
         self._last_attempt = 0.0
         self._load_champions()
+        # Here, not at import: uvicorn installs its own handlers just before it builds the service.
+        bound_shutdown(float(SERVING["shutdown_grace_s"]))
 
     # -- models ------------------------------------------------------------------------------
 
@@ -268,6 +284,9 @@ class MedSR:
                        "max_upload_bytes": int(SERVING["max_upload_bytes"]),
                        "max_array_output_pixels": int(SERVING["max_array_output_pixels"]),
                        "max_in_flight": int(SERVING["max_in_flight"]),
+                       "max_wait_s": float(SERVING["max_wait_s"]),
+                       "read_timeout_s": float(SERVING["read_timeout_s"]),
+                       "compute_timeout_s": float(SERVING["compute_timeout_s"]),
                        "demo_max_side": int(SERVING["demo_max_side"])},
             "tiling": {"tile": self.tiling.tile, "batch_size": self.tiling.batch_size,
                        "margin": "each model's receptive_radius"},
@@ -347,6 +366,8 @@ class MedSR:
             "Server-Timing": server_timing(timer),
             "Access-Control-Expose-Headers": EXPOSED_HEADERS,
         }
+        if result.converted:  # the output has one channel where the input had colour or alpha
+            headers["X-MedSR-Converted"] = result.converted
         return Response(result.content, media_type=result.media_type, headers=headers)  # type: ignore[return-value]
 
     # -- POST /upscale_array -----------------------------------------------------------------
@@ -499,7 +520,15 @@ class MedSR:
 
 MedSR.add_asgi_middleware(GatewayMiddleware, max_upload_bytes=int(SERVING["max_upload_bytes"]),
                           max_array_output_pixels=int(SERVING["max_array_output_pixels"]),
-                          max_in_flight=int(SERVING["max_in_flight"]), computing=int(SERVING["threads"]),
-                          shed_seconds=float(SERVING["shed_seconds"]))
+                          admission=Admission(computing=int(SERVING["threads"]),
+                                              max_in_flight=int(SERVING["max_in_flight"]),
+                                              max_wait_s=float(SERVING["max_wait_s"])),
+                          read_timeout_s=float(SERVING["read_timeout_s"]),
+                          compute_timeout_s=float(SERVING["compute_timeout_s"]),
+                          json_limits=JSONLimits(max_bytes=int(SERVING["max_json_bytes"]),
+                                                 max_depth=int(SERVING["max_json_depth"]),
+                                                 max_number_chars=int(SERVING["max_json_number_chars"])),
+                          form_fields={f"/{name}": tuple(MedSR.apis[name].input_spec.model_fields)
+                                       for name in ("upscale", "demo")})
 logger.debug("serving params: %s; largest output %s", {k: v for k, v in SERVING.items() if k != "batching"},
              describe_size(int(SERVING["max_output_pixels"])))

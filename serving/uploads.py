@@ -266,6 +266,7 @@ class FileResult:
     consistency_psnr: float  # mean over frames/slices
     consistency_min_psnr: float
     timer: PhaseTimer
+    converted: str | None = None  # e.g. "rgb->luma": colour/alpha input processed as one luma channel
 
 
 def upscale_file(path: Path, generator: LoadedGenerator, *, max_output_pixels: int, tiling: Tiling,
@@ -339,4 +340,5 @@ def upscale_file(path: Path, generator: LoadedGenerator, *, max_output_pixels: i
     return FileResult(content=content, media_type=media_type, filename=f"medsr_x{scale}{extension}",
                       file_format=file_format, modality=chosen_modality, frames=len(chosen),
                       input_size=(height, width), output_size=(height * scale, width * scale),
-                      consistency_psnr=mean_score, consistency_min_psnr=float(np.min(scores)), timer=timer)
+                      consistency_psnr=mean_score, consistency_min_psnr=float(np.min(scores)), timer=timer,
+                      converted=chosen[0].extra.get("converted_as"))

@@ -92,6 +92,26 @@ def test_each_bad_input_is_quarantined_with_its_reason(tmp_path: Path, sample_ra
     assert set(result.passed["path"]) == {"ct/good.dcm", "xray/ok.png"}
 
 
+def test_duplicates_are_judged_within_a_modality_and_the_gate_counts_images(tmp_path: Path, sample_raw: Path) -> None:
+    """A copy of the CT sample filed under X-ray keeps both; a second CT copy is a duplicate. An
+    image failing two checks is one quarantined image, not two."""
+    raw = tmp_path / "raw"
+    for folder, name in (("ct", "CT_small.dcm"), ("xray", "ct_copy.dcm"), ("ct", "ct_again.dcm")):
+        (raw / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample_raw / "ct" / "CT_small.dcm", raw / folder / name)
+    tiny_constant = np.full((32, 40), 9, np.uint8)  # fails the size expectation and the pixel check
+    Image.fromarray(tiny_constant).save(raw / "xray" / "tiny_constant.png")
+    table = ingest(raw, tmp_path / "interim", IngestOptions(tile_size=256, max_pixels=10_000_000), None)
+    result = validate_table(table, tmp_path / "interim", min_size=64)
+    assert set(result.passed["path"]) == {"ct/CT_small.dcm", "xray/ct_copy.dcm"}
+    duplicate = result.quarantine[result.quarantine["check"] == "duplicate"]
+    assert duplicate["path"].tolist() == ["ct/ct_again.dcm"]
+    tiny = result.quarantine[result.quarantine["path"] == "xray/tiny_constant.png"]
+    assert len(tiny) >= 2  # two checks failed...
+    assert result.quarantined_images == 2 and result.quarantined_fraction == pytest.approx(2 / len(table))
+    assert result.summary["quarantined"] == 2
+
+
 def test_split_and_degrade_on_the_sample(sample_interim: Path, tmp_path: Path) -> None:
     table = pd.read_parquet(sample_interim / TABLE_NAME)
     validated = validate_table(table, sample_interim, min_size=int(PARAMS["data"]["min_size"]))
@@ -137,3 +157,28 @@ def test_missing_local_folder_stops_download_with_one_line(tmp_path: Path) -> No
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "nowhere" in lines[0] and "does not exist" in lines[0], proc.stderr
     assert not (tmp_path / "data" / "interim").exists()
+
+
+def test_a_killed_stage_leaves_no_temporary_output_behind(tmp_path: Path) -> None:
+    """kill -9 inside atomic_dir (as during degrade) leaves data/.pairs.*; the next run removes it,
+    and leaves alone a temporary that a live process is still writing."""
+    import os
+    import signal
+
+    from medsr.atomic import atomic_dir
+
+    target = tmp_path / "data" / "pairs"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys; from pathlib import Path; from medsr.atomic import atomic_dir\n"
+        "with atomic_dir(Path(sys.argv[1])) as tmp:\n"
+        "    (tmp / 'x.npy').write_bytes(b'0' * 4096)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(target)], cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert killed.returncode == -signal.SIGKILL
+    left = list(target.parent.glob(".pairs.*"))
+    assert len(left) == 1 and (left[0] / "x.npy").exists()
+    live = target.parent / f".pairs.{os.getppid()}.busy"  # pytest's parent: alive
+    live.mkdir()
+    with atomic_dir(target) as tmp:
+        (tmp / "y.npy").write_bytes(b"1")
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted(["pairs", live.name])
+    assert (target / "y.npy").exists()

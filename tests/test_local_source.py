@@ -145,3 +145,25 @@ def test_dvc_repro_reflects_a_replaced_and_a_deleted_local_file(tmp_path: Path) 
     assert summary["local_sync"]["xray"] == {"added": 0, "changed": 1, "removed": 1, "unchanged": 1}
     assert "1 changed, 1 removed" in second.stdout + second.stderr
     assert summary["images_per_modality"]["xray"] == 2
+
+
+def test_links_out_of_the_folder_are_not_followed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`evil.dcm -> /etc/passwd` (and a linked folder elsewhere) never reach data/raw; the warning
+    names them. A link to a file inside the folder is an ordinary image."""
+    root = make_folder(tmp_path / "images")
+    elsewhere = tmp_path / "elsewhere"
+    write_tiff(elsewhere / "other_patient.tif", ct_pixels())
+    (root / "evil.dcm").symlink_to("/etc/passwd")
+    (root / "outside.tif").symlink_to(elsewhere / "other_patient.tif")
+    (root / "linked_folder").symlink_to(elsewhere, target_is_directory=True)
+    (root / "alias.tif").symlink_to(root / "a.tif")
+    dest = tmp_path / "raw"
+    with caplog.at_level("WARNING", logger="medsr.data.sources.local"):
+        report = sync_local_images(str(root), dest, SUPPORTED_SUFFIXES, "xray")
+    mirrored = sorted(p.relative_to(dest).as_posix() for p in report.files)
+    assert mirrored == ["a.tif", "alias.tif", "c.tif", "sub/b.tif"]
+    assert not (dest / "evil.dcm").exists() and not (dest / "outside.tif").exists() and not (dest / "linked_folder").exists()
+    assert all(b"root:" not in p.read_bytes() for p in dest.rglob("*") if p.is_file())
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    for name in ("evil.dcm", "outside.tif", "linked_folder"):
+        assert name in warning, warning

@@ -10,9 +10,11 @@ import concurrent.futures
 import copy
 import io
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import imagecodecs
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -39,6 +43,7 @@ PATIENT_ID = "PID-SECRET-4242"
 SECRET_FILE_NAME = "Janet_Doe_PID-SECRET-4242.dcm"
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 ERROR_KEYS = {"error", "fix", "status", "request_id"}
+STARTUP_S = 400.0  # the machine is shared: model loading has taken 80 s under others' training
 
 
 # ------------------------------------------------------------------------------------- fixtures
@@ -85,7 +90,7 @@ def service(registry: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) 
     params = params_file(folder, max_upload_bytes=MAX_UPLOAD_BYTES)
     log = folder / "service.log"
     with ServiceProcess(env={"MLFLOW_TRACKING_URI": registry["uri"], "MEDSR_PARAMS": str(params)},
-                        log_path=log, device="auto") as running:
+                        log_path=log, device="auto", startup_timeout=STARTUP_S) as running:
         yield running
 
 
@@ -176,6 +181,27 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Image.fromarray(np.linspace(-50_000, 900_000, 24 * 20).reshape(24, 20).astype(np.int32)).save(out["int32_tiff"])
     out["rgb_png"] = folder / "colour.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(out["rgb_png"])
+    import tifffile
+
+    out["float64_tiff"] = folder / "double.tif"
+    tifffile.imwrite(out["float64_tiff"], np.random.default_rng(3).random((16, 16)))
+    # Inputs that came back as a 500 or a wrong success (issue 22); tests/test_serving_depths.py checks their values.
+    from test_serving_depths import dicom_with, smooth
+
+    out["int32_dicom"] = dicom_with(folder / "int32.dcm", smooth((16, 16), -2e9, 2e9).astype("<i4"), "MONOCHROME2")
+    out["float_dicom"] = dicom_with(folder / "float.dcm", smooth((16, 16), -3, 700).astype("<f4"), "MONOCHROME2",
+                                    keyword="FloatPixelData")
+    out["rgb16_png"] = folder / "rgb16.png"
+    grey = smooth((16, 20), 100, 65000)
+    out["rgb16_png"].write_bytes(imagecodecs.png_encode(np.stack([grey, grey / 2, grey / 3], axis=-1).astype(np.uint16)))
+    out["int16_tiff"] = folder / "signed.tif"
+    tifffile.imwrite(out["int16_tiff"], smooth((16, 16), -1000, 3000).astype(np.int16))
+    out["nifti_2d"] = folder / "plane.nii.gz"
+    nib.save(nib.Nifti1Image(smooth((12, 10), 0, 900).astype(np.int16), np.eye(4)), out["nifti_2d"])
+    out["exif_jpeg"] = folder / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(smooth((16, 32), 0, 255).astype(np.uint8)).save(out["exif_jpeg"], exif=exif, quality=95)
     return out
 
 
@@ -454,6 +480,77 @@ def bad_requests(files: dict[str, Path]) -> dict[str, tuple[dict[str, Any], int,
         "array response too large": (array({"images": [{"data": tile, "shape": [600, 600], "scale": 4}] * 2}),
                                      413, "response too large"),
         "array scale the model lacks": (array({"images": [{"image": [[0.5]], "scale": 8}]}), 422, "scale 8"),
+        **hostile_requests(files),
+    }
+
+
+def raw_multipart(parts: list[tuple[bytes, bytes]], route: str = "/upscale", boundary: bytes = b"medsrb") -> dict[str, Any]:
+    """A multipart request built by hand from (part header, content) pairs (httpx cannot send a
+    part without a name, or an oversize part header)."""
+    body = b"".join(b"--" + boundary + b"\r\n" + head + b"\r\n\r\n" + content + b"\r\n" for head, content in parts)
+    return {"method": "POST", "url": route, "content": body + b"--" + boundary + b"--\r\n",
+            "headers": {"content-type": f"multipart/form-data; boundary={boundary.decode()}"}}
+
+
+def hostile_requests(files: dict[str, Path]) -> dict[str, tuple[dict[str, Any], int, str]]:
+    """Inputs that hung or got a 500 (issue 22): JSON beyond limits, malformed multipart parts."""
+    png = files["png16"].read_bytes()
+    image = b'Content-Disposition: form-data; name="file"; filename="g.png"\r\nContent-Type: image/png'
+
+    def raw_json(body: bytes) -> dict[str, Any]:
+        return {"method": "POST", "url": "/upscale_array", "content": body, "headers": {"content-type": "application/json"}}
+
+    return {
+        "array scale 1e400": (raw_json(b'{"images": [{"image": [[0.5]], "scale": 1e400}]}'), 400, "out of range"),
+        "array pixel 1e400": (raw_json(b'{"images": [{"image": [[1e400]]}]}'), 400, "out of range"),
+        "array JSON nested 50,000 levels": (raw_json(b'{"images": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"), 400, "nested"),
+        "array JSON nested 18 levels": (raw_json(b'{"images": [' + b"[" * 16 + b"]" * 16 + b"]}"), 400, "nested"),
+        "array number of 300 digits": (raw_json(b'{"images": [{"image": [[0.5]], "scale": ' + b"9" * 300 + b"}]}"),
+                                       400, "characters"),
+        "array not UTF-8": (raw_json(b'{"images": "\xff\xfe"}'), 400, "json"),
+        "part named File": ({"method": "POST", "url": "/upscale", "files": {"File": ("g.png", png)}}, 400, "case-sensitive"),
+        "part without a name": (raw_multipart([(b'Content-Disposition: form-data; filename="g.png"', png)]),
+                                400, "no field name"),
+        "part without Content-Disposition": (raw_multipart([(b"Content-Type: image/png", png)]), 400, "no field name"),
+        "part header over 4 KiB": (raw_multipart([(image + b"; x=" + b"a" * 6000, png)]), 400, "header"),
+        "part with 20 header lines": (raw_multipart([(image + b"".join(b"\r\nX-%d: 1" % i for i in range(20)), png)]),
+                                      400, "header lines"),
+        "extra field carrying a file": ({"method": "POST", "url": "/upscale",
+                                         "files": {"file": ("g.png", png), "extra": ("g.png", png)}}, 400, "unknown field"),
+        "scale carrying a file": ({"method": "POST", "url": "/upscale",
+                                   "files": {"file": ("g.png", png), "scale": ("g.png", png)}}, 400, "carries a file"),
+        "scale sent twice": ({"method": "POST", "url": "/upscale", "files": {"file": ("g.png", png)},
+                              "data": {"scale": ["2", "4"]}}, 400, "twice"),
+        "file sent twice": ({"method": "POST", "url": "/upscale", "files": [("file", ("a.png", png)), ("file", ("b.png", png))]},
+                            400, "twice"),
+        "misspelt field": ({"method": "POST", "url": "/upscale", "files": {"file": ("g.png", png)},
+                            "data": {"scael": "2"}}, 400, "unknown field"),
+        "unknown demo field": ({"method": "POST", "url": "/demo", "files": {"file": ("g.png", png)},
+                                "data": {"noize": "0.1"}}, 400, "unknown field"),
+        "query parameter": ({"method": "POST", "url": "/upscale?scale=2", "files": {"file": ("g.png", png)}}, 400, "query"),
+        "query parameter on the array route": ({**raw_json(b'{"images": [{"image": [[0.5]]}]}'),
+                                                "url": "/upscale_array?scale=2"}, 400, "query"),
+        "scale 1e400 as a form field": ({"method": "POST", "url": "/upscale", "files": {"file": ("g.png", png)},
+                                         "data": {"scale": "1e400"}}, 400, "scale"),
+        "frame not a number": ({"method": "POST", "url": "/upscale", "files": {"file": ("g.png", png)},
+                                "data": {"frame": "first"}}, 400, "frame"),
+        "model_version negative": ({"method": "POST", "url": "/upscale", "files": {"file": ("g.png", png)},
+                                    "data": {"model_version": "-1"}}, 422, "model_version"),
+        "demo blur out of range": ({"method": "POST", "url": "/demo", "files": {"file": ("g.png", png)},
+                                    "data": {"blur": "99"}}, 422, "blur"),
+        "demo seed not a number": ({"method": "POST", "url": "/demo", "files": {"file": ("g.png", png)},
+                                    "data": {"seed": "lucky"}}, 400, "seed"),
+        "64-bit float TIFF": ({"method": "POST", "url": "/upscale", "files": {"file": ("f.tif", files["float64_tiff"].read_bytes())}},
+                              422, "64-bit float"),
+        "array scale 0": (raw_json(b'{"images": [{"image": [[0.5]], "scale": 0}]}'), 422, "scale 0"),
+        "array negative shape": (raw_json(b'{"images": [{"data": "AAAA", "shape": [-1, 1]}]}'), 422, "shape"),
+        "array scale NaN": (raw_json(b'{"images": [{"image": [[0.5]], "scale": NaN}]}'), 400, "scale"),
+        "array body a list": (raw_json(b"[1, 2, 3]"), 400, "object"),
+        "array images of strings": (raw_json(b'{"images": ["x", "y"]}'), 400, "images"),
+        "array JSON with a BOM": (raw_json(b'\xef\xbb\xbf{"images": [{"image": [[0.5]]}]}'), 400, "json"),
+        "multipart without its closing delimiter": ({"method": "POST", "url": "/upscale", "content": b"--b\r\n" + image
+                                                     + b"\r\n\r\n" + png, "headers": {
+                                                         "content-type": "multipart/form-data; boundary=b"}}, 400, "multipart"),
     }
 
 
@@ -469,6 +566,14 @@ BAD_NAMES = [  # the catalogue's keys, in order (parametrize needs them before t
     "array wrong content type", "array missing images", "array images not a list", "array NaN",
     "array out of range", "array ragged rows", "array image and data", "array bad base64",
     "array data shorter than shape", "array too large", "array response too large", "array scale the model lacks",
+    "array scale 1e400", "array pixel 1e400", "array JSON nested 50,000 levels", "array JSON nested 18 levels",
+    "array number of 300 digits", "array not UTF-8", "part named File", "part without a name",
+    "part without Content-Disposition", "part header over 4 KiB", "part with 20 header lines",
+    "extra field carrying a file", "scale carrying a file", "scale sent twice", "file sent twice", "misspelt field",
+    "unknown demo field", "query parameter", "query parameter on the array route", "scale 1e400 as a form field",
+    "frame not a number", "model_version negative", "demo blur out of range", "demo seed not a number",
+    "64-bit float TIFF", "array scale 0", "array negative shape", "array scale NaN", "array body a list",
+    "array images of strings", "array JSON with a BOM", "multipart without its closing delimiter",
 ]
 
 
@@ -476,6 +581,22 @@ BAD_NAMES = [  # the catalogue's keys, in order (parametrize needs them before t
 def test_bad_input_gets_a_named_4xx(client: httpx.Client, files: dict[str, Path], name: str) -> None:
     arguments, status, word = bad_requests(files)[name]
     assert_error(client.request(**arguments), status, word)
+
+
+HANG_NAMES = ["array scale 1e400", "array JSON nested 50,000 levels", "part header over 4 KiB"]
+
+
+@pytest.mark.parametrize("name", HANG_NAMES)
+def test_inputs_that_hung_get_a_4xx_within_one_second(service: ServiceProcess, files: dict[str, Path], name: str) -> None:
+    """Each once left its connection without an answer (or got a 500); a good request follows."""
+    arguments, status, word = bad_requests(files)[name]
+    with httpx.Client(base_url=service.url, timeout=5.0) as http:
+        started = time.monotonic()
+        response = http.request(**arguments)
+        elapsed = time.monotonic() - started
+        assert_error(response, status, word)
+        assert elapsed < 1.0, f"{name}: answered in {elapsed:.2f} s"
+        assert http.post("/upscale_array", json={"images": [{"image": [[0.25, 0.5], [0.75, 1.0]]}]}).status_code == 200
 
 
 def _raw_http(port: int, head: bytes, body_chunks: list[bytes]) -> tuple[int, dict[str, Any]]:
@@ -515,7 +636,7 @@ def _result_values(kind: str, content: bytes) -> bytes:
     """What must repeat exactly: pixel values (DICOM results carry new UIDs and times, gzip a time)."""
     if "DICOM" in kind:
         return pydicom.dcmread(io.BytesIO(content)).pixel_array.tobytes()
-    if kind == "NIfTI":
+    if "NIfTI" in kind:
         import gzip
 
         return gzip.decompress(content)
@@ -530,7 +651,7 @@ def _worker_rss(service: ServiceProcess) -> int:
 
 def test_every_kind_of_bad_input_interleaved_with_good_ones(client: httpx.Client, service: ServiceProcess,
                                                             files: dict[str, Path]) -> None:
-    """Two rounds of every bad input above (51 kinds), a good request of a rotating kind after
+    """Two rounds of every bad input above (84 kinds), a good request of a rotating kind after
     every fourth: no 5xx, every good answer identical to its reference, the same worker, and
     the worker's memory back within 10% of where it started."""
     workers_before = service.server_pids()
@@ -543,6 +664,12 @@ def test_every_kind_of_bad_input_interleaved_with_good_ones(client: httpx.Client
         "int32 TIFF": lambda: upload(client, files["int32_tiff"], scale=2),
         "NIfTI": lambda: upload(client, files["nifti"], scale=2),
         "RGB PNG": lambda: upload(client, files["rgb_png"], scale=4),
+        "int32 DICOM": lambda: upload(client, files["int32_dicom"], scale=2),
+        "float DICOM": lambda: upload(client, files["float_dicom"], scale=2),
+        "16-bit RGB PNG": lambda: upload(client, files["rgb16_png"], scale=2),
+        "int16 TIFF": lambda: upload(client, files["int16_tiff"], scale=2),
+        "2-D NIfTI": lambda: upload(client, files["nifti_2d"], scale=2),
+        "EXIF JPEG": lambda: upload(client, files["exif_jpeg"], scale=2),
         "array": lambda: client.post("/upscale_array", json={"images": [{"image": [[0.25, 0.5], [0.75, 1.0]]}]}),
     }
     references = {}
@@ -550,6 +677,9 @@ def test_every_kind_of_bad_input_interleaved_with_good_ones(client: httpx.Client
         answer = send()
         assert answer.status_code == 200, (name, answer.text)
         references[name] = answer.content
+    assert good["RGB PNG"]().headers["x-medsr-converted"] == "rgb->luma"
+    assert good["16-bit RGB PNG"]().headers["x-medsr-converted"] == "rgb->luma"
+    assert "x-medsr-converted" not in good["int16 TIFF"]().headers
     for _ in range(2):  # warm every code path before measuring memory
         for name, send in good.items():
             send()
@@ -580,39 +710,142 @@ def test_every_kind_of_bad_input_interleaved_with_good_ones(client: httpx.Client
     assert 'medsr_phase_seconds_count{endpoint="/upscale",phase="forward"}' in metrics
 
 
-def test_busy_worker_answers_429_with_retry_after(service: ServiceProcess, tmp_path: Path) -> None:
-    """serving.max_in_flight file requests at once (`threads` computing, the rest waiting); one
-    more gets 429 + Retry-After at once, and the waiting ones get theirs too (overloaded: no
-    queue), while the computing ones are answered."""
+def test_metrics_stay_bounded_after_3000_random_paths(client: httpx.Client) -> None:
+    """Every unknown path is one label: /metrics neither grows with random URLs nor holds their text."""
+    rng = np.random.default_rng(22)
+    for _ in range(2):  # every status of the unknown-path label exists before measuring
+        client.get("/patient/warm-up")
+        client.post("/patient/warm-up", content=b"x")
+    before = len(client.get("/metrics").content)
+    for index in range(3000):
+        token = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz0123456789"), 12))
+        response = client.request("POST" if index % 3 == 0 else "GET", f"/patient/Doe%5EJohn-{token}/{index}")
+        assert response.status_code in (404, 405), response.text
+    text = client.get("/metrics").text
+    assert len(text) <= 2 * before, f"/metrics grew from {before} to {len(text)} bytes"
+    assert "Doe" not in text and "patient" not in text and "John" not in text
+    assert client.post("/upscale_array", json={"images": [{"image": [[0.25, 0.5], [0.75, 1.0]]}]}).status_code == 200
+
+
+def _large_png(tmp_path: Path, side: int = 800) -> Path:
+    path = tmp_path / f"large{side}.png"
+    Image.fromarray(np.random.default_rng(8).integers(0, 65535, (side, side)).astype(np.uint16)).save(path)
+    return path
+
+
+def test_busy_worker_answers_429_with_the_expected_wait(service: ServiceProcess, tmp_path: Path) -> None:
+    """`threads` compute and the rest queue while their expected wait (queue x measured time per
+    request / threads) is under serving.max_wait_s; the next gets 429 with Retry-After = that wait,
+    while every admitted request is answered."""
     serving = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["serving"]
-    admitted, computing = int(serving["max_in_flight"]), int(serving["threads"])
-    path = tmp_path / "large.png"
-    Image.fromarray(np.random.default_rng(8).integers(0, 65535, (800, 800)).astype(np.uint16)).save(path)
+    computing, max_wait = int(serving["threads"]), float(serving["max_wait_s"])
+    path = _large_png(tmp_path, 400)
+    with httpx.Client(base_url=service.url, timeout=300.0) as http:
+        for _ in range(8):  # the gateway's mean time per request settles on these (it saw small ones before)
+            started = time.monotonic()
+            assert upload(http, path, scale=4).status_code == 200
+            seconds = time.monotonic() - started
+    fill = computing + math.ceil(computing * max_wait / seconds) + 2  # more than the queue admits
 
     def slow(_: int) -> httpx.Response:
         with httpx.Client(base_url=service.url, timeout=300.0) as own:
             return upload(own, path, scale=4)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=admitted) as pool, \
-            httpx.Client(base_url=service.url, timeout=60.0) as extra:
-        running = [pool.submit(slow, i) for i in range(admitted)]
-        time.sleep(0.5)  # all admitted: their uploads are a few kB, their computation seconds
-        refused = None
-        for _ in range(100):
-            if all(future.done() for future in running):
-                break
-            response = upload(extra, path, scale=4) if refused is None else None
-            if response is not None and response.status_code == 429:
-                refused = response
-                break
-            time.sleep(0.05)
-        assert refused is not None, f"no 429 while {admitted} large requests were in flight"
-        assert_error(refused, 429, "busy")
-        assert int(refused.headers["retry-after"]) >= 1
-        answers = [future.result() for future in running]
-        statuses = sorted(answer.status_code for answer in answers)
-        assert statuses.count(200) >= computing and set(statuses) <= {200, 429}, statuses
-        assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=fill) as pool:
+        answers = [future.result() for future in [pool.submit(slow, i) for i in range(fill)]]
+    refused = [answer for answer in answers if answer.status_code == 429]
+    assert refused, f"no 429 among {fill} requests of ~{seconds:.2f} s each"
+    assert_error(refused[0], 429, "expected wait")
+    assert all(int(answer.headers["retry-after"]) >= math.ceil(max_wait) for answer in refused)
+    statuses = [answer.status_code for answer in answers]
+    assert statuses.count(200) >= computing and set(statuses) <= {200, 429}, statuses
+
+
+def _trickle(port: int, body: bytes, seconds: float, boundary: str) -> int:
+    """Send ``body`` in 20 pieces over ``seconds``; the response's status."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(f"POST /upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                     f"boundary={boundary}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        step = math.ceil(len(body) / 20)
+        for start in range(0, len(body), step):
+            sock.sendall(body[start:start + step])
+            time.sleep(seconds / 20)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_slow_uploads_do_not_hold_up_a_good_request(service: ServiceProcess, files: dict[str, Path]) -> None:
+    """4 uploads trickled over 10 s (more than `threads`) while good requests come and go: each good
+    one is answered within 1 s, and the slow ones are answered too once their bodies are in."""
+    boundary = "trickle"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n".encode()
+            + files["png16"].read_bytes() + f"\r\n--{boundary}--\r\n".encode())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool, \
+            httpx.Client(base_url=service.url, timeout=30.0) as http:
+        assert upload(http, files["png16"], scale=4).status_code == 200  # warm
+        slow = [pool.submit(_trickle, service.port, body, 10.0, boundary) for _ in range(4)]
+        time.sleep(1.0)
+        latencies = []
+        while not all(future.done() for future in slow) and len(latencies) < 12:
+            started = time.monotonic()
+            assert upload(http, files["png16"], scale=4).status_code == 200
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.5)
+        assert [future.result() for future in slow] == [200] * 4
+    assert len(latencies) >= 5 and max(latencies) < 1.0, latencies
+
+
+def test_read_and_compute_deadlines_give_408_and_503(registry: dict[str, Any], files: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    """serving.read_timeout_s ends an upload that stalls (408); serving.compute_timeout_s answers a
+    computation that runs past it (503); the worker goes on serving."""
+    params = params_file(tmp_path, read_timeout_s=2.0, compute_timeout_s=0.3)
+    with ServiceProcess(env={"MLFLOW_TRACKING_URI": registry["uri"], "MEDSR_PARAMS": str(params)},
+                        log_path=tmp_path / "service.log", device="cpu", startup_timeout=STARTUP_S) as deadlines, \
+            httpx.Client(base_url=deadlines.url, timeout=60.0) as http:
+        head = (b"POST /upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 100000\r\nConnection: close\r\n\r\n")
+        started = time.monotonic()
+        status, body = _raw_http(deadlines.port, head, [b'--b\r\nContent-Disposition: form-data; name="file"; '
+                                                         b'filename="a.png"\r\n\r\n\x89PNG'])
+        assert status == 408 and "read_timeout_s" in body["error"], body
+        assert time.monotonic() - started < 10.0
+        started = time.monotonic()
+        assert_error(upload(http, _large_png(tmp_path), scale=4), 503, "compute_timeout_s")
+        assert time.monotonic() - started < 10.0
+        assert http.post("/upscale_array", json={"images": [{"image": [[0.25, 0.5], [0.75, 1.0]]}]}).status_code == 200
+        assert http.get("/readyz").status_code == 200
+
+
+def test_sigterm_with_a_stuck_request_exits_within_the_grace_period(registry: dict[str, Any], tmp_path: Path) -> None:
+    """An upload that stops halfway holds its request forever; SIGTERM must still end the server
+    (every process of it) within serving.shutdown_grace_s, plus a margin for the exit itself."""
+    import psutil
+
+    grace = 3.0
+    params = params_file(tmp_path, shutdown_grace_s=grace)
+    service = ServiceProcess(env={"MLFLOW_TRACKING_URI": registry["uri"], "MEDSR_PARAMS": str(params)},
+                             log_path=tmp_path / "service.log", device="cpu", startup_timeout=STARTUP_S).start()
+    try:
+        processes = [psutil.Process(pid) for pid in service.server_pids()]
+        stuck = socket.create_connection(("127.0.0.1", service.port), timeout=30)
+        head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + b"\x89PNG" * 100
+        stuck.sendall(b"POST /upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                      b"Content-Length: 1000000\r\n\r\n" + head)
+        time.sleep(1.0)  # the request is in the app, waiting for the rest of its body
+        assert service.process is not None
+        started = time.monotonic()
+        os.killpg(service.process.pid, signal.SIGTERM)
+        _gone, alive = psutil.wait_procs(processes, timeout=grace + 7.0)
+        elapsed = time.monotonic() - started
+        assert not alive, f"still running {elapsed:.1f} s after SIGTERM: {[p.pid for p in alive]}"
+        assert elapsed < grace + 7.0
+        stuck.close()
+    finally:
+        service.stop()
+    assert "shutdown" in (tmp_path / "service.log").read_text(errors="replace").lower()
 
 
 # ---------------------------------------------------------------------------- Python client
@@ -660,13 +893,35 @@ def test_package_builds_a_bento_that_serves_the_champion(registry: dict[str, Any
 # ------------------------------------------------------------------------------------- logs
 
 
-def test_logs_hold_no_patient_identifiers(service: ServiceProcess, client: httpx.Client, files: dict[str, Path]) -> None:
-    """Runs last: by now the log holds every request above, many with the identifying file."""
+WRONG_VR_ID = "QX7731-Hallorann"
+
+
+def wrong_vr_patient_id(folder: Path) -> Path:
+    """The CT sample with its PatientID (LO) declared IS: pydicom warns `Invalid value for VR IS: '<id>'`."""
+    ct = pydicom.dcmread(sample_file("pydicom", "CT_small.dcm"))
+    ct.PatientID = WRONG_VR_ID
+    path = folder / "wrong_vr.dcm"
+    ct.save_as(path)
+    raw = path.read_bytes()
+    value = WRONG_VR_ID.encode()  # 16 characters: no padding
+    element = b"\x10\x00\x20\x00LO" + len(value).to_bytes(2, "little") + value
+    assert raw.count(element) == 1
+    path.write_bytes(raw.replace(element, b"\x10\x00\x20\x00IS" + element[6:]))
+    return path
+
+
+def test_logs_hold_no_patient_identifiers(service: ServiceProcess, client: httpx.Client, files: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    """Runs last: by now the log holds every request above, many with the identifying file; then
+    the wrong-VR PatientID file, whose warnings must keep the element's name and drop its value."""
     assert upload(client, files["four_frames"]).status_code == 422
+    assert upload(client, wrong_vr_patient_id(tmp_path), scale=4).status_code == 200
+    time.sleep(0.5)  # the worker's log lines reach the file
     log_path = service.log_path
     assert log_path is not None
     shutil.copy(log_path, log_path.with_suffix(".copy"))  # the file is still being written
     text = log_path.with_suffix(".copy").read_text(errors="replace")
     assert "endpoint=/upscale" in text  # the log is the right one, and it logs requests
-    for secret in ("Janet", "Doe", PATIENT_ID, "SECRET", SECRET_FILE_NAME):
+    assert "Invalid value for VR IS" in text  # the warning is logged, without the value
+    for secret in ("Janet", "Doe", PATIENT_ID, "SECRET", SECRET_FILE_NAME, *WRONG_VR_ID.split("-")):
         assert secret not in text, f"{secret!r} found in the service log"

@@ -1,5 +1,5 @@
-"""The gateway's admission of file requests: `threads` compute, a short queue waits in arrival
-order, 429 beyond it, and no queue at all while overloaded (serving.max_in_flight, shed_seconds)."""
+"""Admission of file requests (serving.admission): `threads` compute, the rest queue in arrival
+order while their expected wait stays under serving.max_wait_s, 429 with that wait beyond it."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import asyncio
 
 import pytest
 
-from serving.errors import GatewayMiddleware
+from serving.admission import Admission
 
 
-def _gateway(shed_seconds: float = 2.0) -> GatewayMiddleware:
-    return GatewayMiddleware(None, max_upload_bytes=1, max_array_output_pixels=1, max_in_flight=4, computing=2,
-                             shed_seconds=shed_seconds)
+def _gate(max_in_flight: int = 64, max_wait_s: float = 2.0) -> Admission:
+    return Admission(computing=2, max_in_flight=max_in_flight, max_wait_s=max_wait_s)
 
 
 async def _settle() -> None:
@@ -24,49 +23,62 @@ def _run(scenario) -> None:  # noqa: ANN001 - a coroutine function
     asyncio.run(asyncio.wait_for(scenario(), timeout=10))  # a request stuck in the queue fails, not hangs
 
 
-def test_two_compute_two_wait_in_order_and_the_fifth_is_refused() -> None:
+def test_two_compute_the_rest_wait_in_order() -> None:
     async def scenario() -> None:
-        gate = _gateway()
+        gate = _gate()
         assert await gate.admit() and await gate.admit()
         third, fourth = asyncio.create_task(gate.admit()), asyncio.create_task(gate.admit())
         await _settle()
         assert not third.done() and not fourth.done() and gate.in_flight == 4
-        gate.release()  # a slot frees: the first to wait gets it
+        gate.release(0.1)  # a slot frees: the first to wait gets it
         await _settle()
-        assert third.done() and third.result() is True and not fourth.done()
-        gate.release()
+        assert third.result() is True and not fourth.done()
+        gate.release(0.1)
         await _settle()
         assert fourth.result() is True and gate.running == 2 and not gate.waiting
 
     _run(scenario)
 
 
-def test_an_overflow_refuses_the_queue_and_queues_nothing_while_overloaded() -> None:
+def test_refused_by_expected_wait_with_that_wait_as_retry_after() -> None:
+    """At 0.5 s a request on 2 slots, the n-th in the queue waits n x 0.25 s: 8 fit in 2 s."""
     async def scenario() -> None:
-        gate = _gateway()
+        gate = _gate()
         assert await gate.admit() and await gate.admit()
-        waiting = [asyncio.create_task(gate.admit()) for _ in range(2)]
+        gate.release(0.5)
+        assert await gate.admit()
+        assert gate.seconds_per_request == pytest.approx(0.5)
+        queued = [asyncio.create_task(gate.admit()) for _ in range(8)]
         await _settle()
-        assert await gate.admit() is False  # the fifth: the queue cannot drain in time
+        assert len(gate.waiting) == 8 and gate.expected_wait() == pytest.approx(9 * 0.25)
+        assert await gate.admit() is False  # 2.25 s > max_wait_s
+        assert gate.retry_after() == 3  # the expected wait, rounded up to whole seconds
+        for _ in range(10):
+            gate.release(0.5)
+            await _settle()
+        assert all(task.result() for task in queued)
+
+    _run(scenario)
+
+
+def test_max_in_flight_bounds_the_queue_while_the_time_is_unknown() -> None:
+    async def scenario() -> None:
+        gate = _gate(max_in_flight=4)
+        assert await gate.admit() and await gate.admit()
+        queued = [asyncio.create_task(gate.admit()) for _ in range(2)]
         await _settle()
-        assert [task.result() for task in waiting] == [False, False] and gate.in_flight == 2
-        assert await gate.admit() is False  # overloaded: no queue, although 2 of 4 places are free
-        gate.release()
-        assert await gate.admit() is True  # a free computing slot is taken at once
-        gate.last_refusal -= 3.0  # shed_seconds later
-        later = asyncio.create_task(gate.admit())
-        await _settle()
-        assert not later.done() and gate.in_flight == 3  # it waits again
-        gate.release()
-        await _settle()
-        assert later.result() is True
+        assert gate.expected_wait() == 0.0 and await gate.admit() is False and gate.retry_after() == 1
+        for _ in range(4):
+            gate.release()
+            await _settle()
+        assert all(task.result() for task in queued)
 
     _run(scenario)
 
 
 def test_a_client_that_leaves_while_waiting_takes_no_slot() -> None:
     async def scenario() -> None:
-        gate = _gateway()
+        gate = _gate()
         assert await gate.admit() and await gate.admit()
         gone = asyncio.create_task(gate.admit())
         await _settle()

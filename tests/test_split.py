@@ -169,3 +169,18 @@ def test_split_stage_refuses_a_leaking_split(tmp_path, monkeypatch) -> None:
 def test_bad_fractions_rejected(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="fractions"):
         split_table(_table(10, 1), bad, seed=1)
+
+
+def test_split_stage_fails_when_a_modality_has_no_val_or_test_image(tmp_path, monkeypatch) -> None:
+    """A modality reduced to one image (e.g. by a quarantine) cannot be validated or tested: the
+    stage says which and why instead of exiting 0 with an empty split."""
+    from medsr import pipeline
+
+    table = pd.concat([_table(40, 2, "xray"), _table(1, 1, "ct")], ignore_index=True)
+    (tmp_path / "data" / "validated").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    table.to_parquet("data/validated/images.parquet", index=False)
+    params = {"data": {"split": {"fractions": FRACTIONS, "seed": 1, "min_patients": 3}}}
+    with pytest.raises(pipeline.StageFailed, match=r"ct: 1 image\(s\) in 1 file\(s\) after validation, none in test"):
+        pipeline.split_stage(params)
+    assert not (tmp_path / "data" / "split").exists()

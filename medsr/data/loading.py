@@ -42,6 +42,16 @@ from typing import Any
 import numpy as np
 
 from medsr.data import MODALITIES, MedImage, Window
+from medsr.data.raster_modes import (
+    converted_label,
+    orientation,
+    oriented,
+    png16_luma,
+    png_colour16,
+    tiff_integer_dtype,
+    tiff_layout_pillow_lacks,
+    upright,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -688,13 +698,16 @@ def _dicom_colour_frames(path: Path, ds: Any, stored: np.ndarray, photometric: s
 
     if photometric == "PALETTE COLOR":
         rgb = np.asarray(apply_color_lut(stored, ds))
-        levels = float(np.iinfo(rgb.dtype).max)
+        bits = rgb.dtype.itemsize * 8  # the LUT entries' depth (8 or 16), not the indices'
     elif stored.ndim == 4 and stored.shape[-1] == 3:
         rgb = stored  # pydicom has already turned YBR into RGB
-        levels = float(2 ** int(ds.get("BitsStored") or 8) - 1)
+        bits = int(ds.get("BitsStored") or 8)
     else:
+        bits = 0
+    if not bits:
         raise LoadError(path, REASON_UNSUPPORTED_LAYOUT, "convert the image to MONOCHROME2 or RGB",
                         detail=f"photometric interpretation {photometric}, decoded shape {stored.shape}")
+    levels = float(2**bits - 1)
     spacing = _dicom_spacing(_frame_view(ds, 0))
     constant = bool(rgb.min() == rgb.max())
     for index in _frame_indices(stored.shape[0], slice_step):
@@ -704,7 +717,8 @@ def _dicom_colour_frames(path: Path, ds: Any, stored: np.ndarray, photometric: s
             window = Window(low=float(values.flat[0]), high=float(values.flat[0]), method="dtype_range")
         else:
             window = Window(low=0.0, high=levels, method="dtype_range")
-        yield index, values, window, spacing, {"converted": f"{photometric} to grayscale (ITU-R 601-2 luma)"}
+        yield index, values, window, spacing, {"converted": f"{photometric} to grayscale (ITU-R 601-2 luma)",
+                                               "converted_as": converted_label(photometric), "colour_bits": bits}
 
 
 # --------------------------------------------------------------------------------------------
@@ -850,6 +864,12 @@ def _load_raster(path: Path, modality: str, source: str, patient_ids: Mapping[st
         except Image.DecompressionBombError as err:
             raise LoadError(path, REASON_TOO_LARGE, "split or downsample the image", detail=_describe(err)) from err
         except (UnidentifiedImageError, OSError, ValueError) as err:
+            layout = tiff_layout_pillow_lacks(path)
+            if layout is not None:  # a valid TIFF in a sample type Pillow does not read: say so
+                raise LoadError(path, REASON_UNSUPPORTED_LAYOUT, "save it as 32-bit float or 16-bit integer TIFF "
+                                "(e.g. tifffile.imwrite(path, array.astype('float32')))",
+                                detail=f"{layout} TIFF: the TIFF reader here (Pillow) reads at most 32-bit "
+                                "samples") from err
             raise LoadError(path, REASON_UNREADABLE_IMAGE, unreadable_fix, detail=_describe(err)) from err
         with opened as image:
             width, height = image.size
@@ -860,7 +880,10 @@ def _load_raster(path: Path, modality: str, source: str, patient_ids: Mapping[st
             for index in _frame_indices(n_frames, slice_step):
                 try:
                     image.seek(index)
-                    values, window, original_dtype, extra = _raster_frame(path, image)
+                    turned = orientation(image)
+                    values, window, original_dtype, extra = _raster_frame(path, upright(image), turned)
+                    if turned != 1:
+                        extra["exif_orientation_applied"] = turned
                 except LoadError:
                     raise
                 except (OSError, ValueError, SyntaxError) as err:
@@ -877,11 +900,25 @@ def _load_raster(path: Path, modality: str, source: str, patient_ids: Mapping[st
     return images
 
 
-def _raster_frame(path: Path, image: Any) -> tuple[np.ndarray, Window, str, dict[str, Any]]:
-    """(values in stored units, window, stored dtype name, notes) of the current frame."""
+def _raster_frame(path: Path, image: Any, turned: int = 1) -> tuple[np.ndarray, Window, str, dict[str, Any]]:
+    """(values in stored units, window, stored dtype name, notes) of the current frame; ``image``
+    is already upright, ``turned`` the EXIF orientation that made it so."""
     mode = image.mode
     extra: dict[str, Any] = {}
-    if mode.startswith("I;16"):
+    colour16 = png_colour16(path) if (image.format or "").upper() == "PNG" else None
+    tiff_dtype = tiff_integer_dtype(image)
+    if colour16 is not None:
+        values = oriented(png16_luma(path, colour16), turned)
+        low, high, method, dtype_name = 0.0, 65535.0, "dtype_range", "uint16"
+        extra["converted"] = f"16-bit {colour16.upper()} to 16-bit grayscale (ITU-R 601-2 luma, alpha dropped)"
+        extra["converted_as"] = converted_label(colour16)
+    elif tiff_dtype is not None and tiff_dtype != "uint16":
+        values = np.asarray(image)
+        info = np.iinfo(tiff_dtype)
+        low, high = _percentile_bounds(_strided_sample([values], values.size)) if tiff_dtype == "int16" else (
+            float(info.min), float(info.max))
+        method, dtype_name = ("percentile" if tiff_dtype == "int16" else "dtype_range"), tiff_dtype
+    elif mode.startswith("I;16"):
         values = np.asarray(image).astype(np.uint16)  # big-endian modes come back as >u2
         low, high, method, dtype_name = 0.0, 65535.0, "dtype_range", "uint16"
     elif mode == "L":
@@ -905,6 +942,7 @@ def _raster_frame(path: Path, image: Any) -> tuple[np.ndarray, Window, str, dict
         values = np.asarray(image.convert("L"))
         low, high, method, dtype_name = 0.0, 255.0, "dtype_range", "uint8"
         extra["converted"] = f"{mode} to grayscale L (ITU-R 601-2 luma)"
+        extra["converted_as"] = converted_label(mode)
     if values.ndim != 2:
         raise LoadError(path, REASON_UNSUPPORTED_LAYOUT, "save the image as single-channel grayscale",
                         detail=f"mode {mode}, array shape {values.shape}")

@@ -239,3 +239,20 @@ def files_per_split(table: pd.DataFrame) -> dict[str, dict[str, list[str]]]:
         labels = {file_label(str(p), str(s)) for p, s in zip(rows["path"], sources, strict=True)}
         out.setdefault(str(modality), {})[str(split)] = sorted(labels)
     return out
+
+
+def empty_splits(table: pd.DataFrame, fractions: Mapping[str, float]) -> list[str]:
+    """One line per modality with images whose test split, or (from 3 files on) val split, is empty.
+
+    Two files split whole-file into train and test by design (the sample's CT): val is wanted
+    only where there are files enough for it; a test split is always wanted (positive fractions).
+    """
+    problems = []
+    for modality in sorted(table["modality"].unique()):
+        rows = table[table["modality"] == modality]
+        wanted = ("val", "test") if rows["path"].nunique() >= 3 else ("test",)
+        empty = [name for name in wanted if float(fractions.get(name, 0)) > 0 and not (rows["split"] == name).any()]
+        if empty:
+            problems.append(f"{modality}: {len(rows)} image(s) in {rows['path'].nunique()} file(s) after validation, "
+                            f"none in {' or '.join(empty)}")
+    return problems

@@ -32,8 +32,13 @@ class ValidationResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def quarantined_images(self) -> int:
+        """Images held back: one image failing several checks has one row per check, and counts once."""
+        return int(self.quarantine["id"].nunique()) if len(self.quarantine) else 0
+
+    @property
     def quarantined_fraction(self) -> float:
-        return len(self.quarantine) / self.total if self.total else 0.0
+        return self.quarantined_images / self.total if self.total else 0.0
 
 
 def build_suite(min_size: int) -> Any:
@@ -129,15 +134,17 @@ def validate_table(table: pd.DataFrame, interim_dir: Path, *, min_size: int) -> 
         expectations, failures = run_suite(loaded_table, min_size)
         for local_row, failed in failures.items():
             flag(int(good_rows[local_row]), "expectation", failed)
-        seen: dict[str, str] = {}
+        # Duplicates are judged within a modality: the same pixels filed under X-ray and CT are
+        # two cases of the user's folders, and dropping the CT copy emptied the CT test split.
+        seen: dict[tuple[str, str], str] = {}
         for i in good_rows:
             row = table.iloc[i]
             flag(int(i), "pixels", pixel_problems(row, interim_dir))
-            digest = row["sha256"]
-            if digest in seen:
-                flag(int(i), "duplicate", [f"same pixels as {seen[digest]}"])
+            key = (str(row["modality"]), str(row["sha256"]))
+            if key in seen:
+                flag(int(i), "duplicate", [f"same pixels as {seen[key]}"])
             else:
-                seen[digest] = row["id"]
+                seen[key] = row["id"]
     records = []
     for i, items in sorted(reasons.items()):
         row = table.iloc[i]

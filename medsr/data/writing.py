@@ -209,6 +209,46 @@ def _shift_positions(ds: Any, scale: int) -> None:
             position.ImagePositionPatient = _shifted_position(position.ImagePositionPatient, cosines, spacing, scale)
 
 
+_FLOAT_PIXEL_KEYWORDS: dict[str, str] = {"FloatPixelData": "<f4", "DoubleFloatPixelData": "<f8"}
+
+
+def _unsigned_for(bits: int) -> str:
+    return "uint8" if bits <= 8 else "uint16" if bits <= 16 else "uint32"
+
+
+def _set_pixels(ds: Any, array: np.ndarray, photometric: str, bits_stored: int, float_keyword: str | None) -> None:
+    """Pixel data and its attributes, with a new SOP Instance UID.
+
+    pydicom's ``set_pixel_data`` takes 8- and 16-bit integers only: 32-bit stored values (RT
+    Dose, some PET and CT) and float pixel data are written here, so they keep their depth
+    instead of being forced into 16 bits.
+    """
+    from pydicom.uid import generate_uid
+
+    if float_keyword is None and array.dtype.itemsize <= 2:
+        ds.set_pixel_data(array, photometric, bits_stored, generate_instance_uid=True)
+        return
+    ds.Rows, ds.Columns = (int(side) for side in array.shape[-2:])
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated = array.dtype.itemsize * 8
+    for keyword in ("PlanarConfiguration", "PixelData", *_FLOAT_PIXEL_KEYWORDS):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if float_keyword is not None:
+        for keyword in ("BitsStored", "HighBit", "PixelRepresentation"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        setattr(ds, float_keyword, np.ascontiguousarray(array).tobytes())
+    else:
+        ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+        ds.PixelRepresentation = int(array.dtype.kind == "i")
+        ds.PixelData = np.ascontiguousarray(array).tobytes()
+        ds["PixelData"].VR = "OW"
+    if array.ndim == 3 or "NumberOfFrames" in ds:
+        ds.NumberOfFrames = array.shape[0] if array.ndim == 3 else 1
+    ds.SOPInstanceUID = generate_uid()
+
+
 def write_dicom(source: Path, images: Sequence[MedImage], results: Sequence[np.ndarray], *, scale: int,
                 derivation: str | Callable[[], str], timer: PhaseTimer | None = None) -> bytes:
     """A derived DICOM instance holding ``results`` (contract images, one per frame of ``images``).
@@ -240,6 +280,7 @@ def write_dicom(source: Path, images: Sequence[MedImage], results: Sequence[np.n
         photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
         colour = photometric not in ("MONOCHROME1", "MONOCHROME2")
         bits_stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+        float_keyword = next((k for k in _FLOAT_PIXEL_KEYWORDS if k in ds), None)
         # Decoded in the source's byte order; the result is always written little endian.
         source_pixels = None if colour else np.asarray(ds.pixel_array)
     with _phase(timer, "encode"):
@@ -253,10 +294,16 @@ def write_dicom(source: Path, images: Sequence[MedImage], results: Sequence[np.n
                 slope, intercept = _rescale_of(ds, frame)
                 raw = source_pixels[frame].astype(np.float64) * slope + intercept
                 stored = (final_units(image, result, raw, scale) - intercept) / (slope or 1.0)
-            dtype = np.dtype(image.original_dtype if not colour else ("uint8" if bits_stored <= 8 else "uint16"))
-            if dtype.kind not in "iu" or dtype.itemsize > 2:
+            if float_keyword is not None:  # float pixel data: stored as is, no rescale
+                stored_frames.append(stored.astype(_FLOAT_PIXEL_KEYWORDS[float_keyword]))
+                continue
+            if colour:  # luma at the colour samples' depth (a PALETTE COLOR LUT's entries)
+                bits_stored = int(image.extra.get("colour_bits") or bits_stored)
+            dtype = np.dtype(image.original_dtype if not colour else _unsigned_for(bits_stored))
+            if dtype.kind not in "iu" or dtype.itemsize > 4:
                 dtype = np.dtype("int16" if int(ds.get("PixelRepresentation", 0)) else "uint16")
             dtype = dtype.newbyteorder("<")
+            bits_stored = min(bits_stored, dtype.itemsize * 8)
             signed = dtype.kind == "i"
             low, high = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2 ** bits_stored - 1)
             stored_frames.append(np.clip(np.rint(stored), low, high).astype(dtype))
@@ -279,7 +326,7 @@ def write_dicom(source: Path, images: Sequence[MedImage], results: Sequence[np.n
                 pass
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.set_original_encoding(False, True)
-        ds.set_pixel_data(array, photometric, bits_stored, generate_instance_uid=True)
+        _set_pixels(ds, array, photometric, bits_stored, float_keyword)
         if had_frames:  # enhanced/multi-frame IODs require the element even for one frame
             ds.NumberOfFrames = len(stored_frames)
 
@@ -373,6 +420,7 @@ def _nifti_volume(source: Path, images: Sequence[MedImage], results: Sequence[np
 
 
 def _nifti_bytes(source: Path, volume: np.ndarray, canonical: Any, original: Any, scale: int) -> bytes:
+    import nibabel as nib
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
     to_hr = np.eye(4)
@@ -388,6 +436,8 @@ def _nifti_bytes(source: Path, volume: np.ndarray, canonical: Any, original: Any
     upscaled.header.set_zooms(zooms[: len(upscaled.shape)] + [1.0] * max(0, len(upscaled.shape) - len(zooms)))
     back = ornt_transform(axcodes2ornt(("R", "A", "S")), io_orientation(original.affine))
     restored = upscaled.as_reoriented(back)
+    if len(nib.load(str(source)).shape) == 2:  # a 2-D file stays 2-D (the loader added the slice axis)
+        restored = type(restored)(np.asarray(restored.dataobj)[:, :, 0], restored.affine, restored.header)
     data = restored.to_bytes()
     return gzip.compress(data, compresslevel=6) if is_gzip(source) else data
 
@@ -403,7 +453,7 @@ def is_gzip(path: Path) -> bool:
 
 
 RASTER_DTYPES: dict[str, tuple[str, ...]] = {"png": ("uint8", "uint16"), "jpeg": ("uint8",),
-                                             "tiff": ("uint8", "uint16", "int32", "float32")}
+                                             "tiff": ("uint8", "uint16", "int16", "int32", "float32")}
 """Sample types each format is written in; a source's own type is kept when its format holds it."""
 
 
@@ -421,6 +471,8 @@ def write_raster(images: Sequence[MedImage], results: Sequence[np.ndarray], imag
     """
     from PIL import Image
 
+    from medsr.data.raster_modes import upright
+
     image_format = image_format.lower()
     if image_format not in RASTER_MEDIA_TYPES:
         raise WriteError(f"cannot write image format {image_format!r}", "upload PNG, TIFF or JPEG")
@@ -430,7 +482,7 @@ def write_raster(images: Sequence[MedImage], results: Sequence[np.ndarray], imag
             with Image.open(source) as opened:
                 for image in images:
                     opened.seek(image.frame or 0)
-                    raws[image.frame or 0] = np.asarray(opened, dtype=np.float64)
+                    raws[image.frame or 0] = np.asarray(upright(opened), dtype=np.float64)
         pages = []
         allowed = RASTER_DTYPES[image_format]
         for image, result in zip(images, results, strict=True):
@@ -449,6 +501,11 @@ def write_raster(images: Sequence[MedImage], results: Sequence[np.ndarray], imag
                 return imagecodecs.spng_encode(pages[0], level=0)
             return imagecodecs.png_encode(pages[0], level=int(png_level))
         buffer = io.BytesIO()
+        if image_format == "tiff" and pages[0].dtype == np.int16:
+            import tifffile  # Pillow writes int16 arrays as 32-bit TIFFs; tifffile keeps 16-bit signed
+
+            tifffile.imwrite(buffer, pages[0] if len(pages) == 1 else np.stack(pages))
+            return buffer.getvalue()
         pil_pages = [Image.fromarray(page) for page in pages]
         save_format = {"png": "PNG", "tiff": "TIFF", "jpeg": "JPEG"}[image_format]
         options: dict[str, Any] = {"quality": 95} if image_format == "jpeg" else {}

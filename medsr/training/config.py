@@ -96,6 +96,9 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     discriminator_options: dict[str, Any] = field(default_factory=dict)
     feature_weights: str | None = None  # VGG19 weights file for the perceptual loss
+    # The published checkpoint to start from ({file, url, sha256, licence, source}; medsr.pretrained),
+    # fetched into pretrained/ by the `pretrained` stage; None: a fresh initialisation.
+    init: dict[str, Any] | None = None
     # Data-parallel ranks (torchrun, medsr.training.distributed); the global batch stays batch_size,
     # each rank trains on batch_size / nproc of it. Not part of what a run computes: see stage.config_digest.
     nproc: int = 1

@@ -41,7 +41,8 @@ def config_digest(config: Any) -> str:
     how a run executes (device, workers, ranks, resume, progress bar), not what it computes: a run
     killed on N ranks resumes on any other number (the global batch does not depend on it)."""
     relevant = {k: v for k, v in config.to_dict().items()
-                if k not in ("resume", "quiet", "num_workers", "device", "nproc")}
+                if k not in ("resume", "quiet", "num_workers", "device", "nproc")
+                and not (k == "init" and v is None)}  # no init: the digests from before init existed
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

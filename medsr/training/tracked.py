@@ -58,6 +58,8 @@ def train_tracked(config: TrainConfig, params: dict[str, Any], extra_tags: dict[
 
     started = time.perf_counter()
     tags = {"model": config.model, "scale": str(config.scale), "profile": config.profile, **(extra_tags or {})}
+    # Where published starting weights came from and under which licence: the registry's model card reads these.
+    tags.update({f"init_{key}": str(value) for key, value in (config.init or {}).items()})
     logged_params = {"train": config.to_dict(), "degrade": params.get("degrade", {}), "seed": params.get("seed")}
     with tracking.training_run(f"{config.model}-x{config.scale}", logged_params, tags) as run:
         result = train_generator(config, on_epoch=lambda entry: mlflow.log_metrics(_metrics_of(entry), step=int(entry["step"])))

@@ -228,6 +228,10 @@ class _Run:
 
         torch.manual_seed(config.seed)
         self.generator = build_generator(config.model, config.scale, **config.model_options).to(self.device)
+        if config.init is not None:  # published weights (medsr.pretrained), before a resume overwrites them
+            from medsr.pretrained import initial_state
+
+            self.generator.load_state_dict(initial_state(config.model, config.scale, config.init), strict=True)
         if not any(p.requires_grad for p in self.generator.parameters()):
             raise ValueError(f"model {config.model!r} has no trainable parameters; there is nothing to train")
         self.discriminator = None

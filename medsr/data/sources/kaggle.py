@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -54,6 +53,7 @@ from tqdm import tqdm
 
 from medsr.atomic import write_json, write_text
 from medsr.data.sources.errors import SourceError
+from medsr.data.sources.transfer import HASH_CHUNK, sha256_file, with_retries
 
 __all__ = [
     "CredentialsMissing",
@@ -83,7 +83,6 @@ MANIFEST_VERSION = 1
 
 _TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429})
 _ZIP_MAGIC = b"PK\x03\x04"
-_HASH_CHUNK = 1 << 20
 
 _T = TypeVar("_T")
 
@@ -321,24 +320,9 @@ def _with_retries(
     action: Callable[[], _T], *, what: str, retries: int, backoff_seconds: float, sleep: Callable[[float], Any]
 ) -> _T:
     """Run ``action``; retry transient failures with exponential backoff, else raise SourceError."""
-    for attempt in range(retries + 1):
-        try:
-            return action()
-        except SourceError:
-            raise
-        # SystemExit too: KaggleApi calls exit(1) on authentication failure.
-        except (Exception, SystemExit) as exc:
-            if not _is_transient(exc):
-                raise SourceError(f"{what} failed ({_describe(exc)}): {_permanent_hint(exc)}") from exc
-            if attempt >= retries:
-                raise SourceError(
-                    f"{what} still failing after {attempt + 1} attempts ({_describe(exc)}): check the network, "
-                    "then rerun to resume (completed files are kept)"
-                ) from exc
-            delay = backoff_seconds * 2**attempt
-            log.warning("%s: %s; retry %d of %d in %.1f s", what, _describe(exc), attempt + 1, retries, delay)
-            sleep(delay)
-    raise AssertionError("unreachable: the loop returns or raises")
+    return with_retries(action, what=what, retries=retries, backoff_seconds=backoff_seconds, sleep=sleep,
+                        is_transient=_is_transient, describe=_describe, permanent_hint=_permanent_hint,
+                        exhausted_hint="check the network, then rerun to resume (completed files are kept)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,14 +435,6 @@ def _load_manifest(dest: Path) -> dict[str, Any]:
     return manifest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _matches_record(dest: Path, relative: str, record: Any) -> bool:
     """Whether ``dest/relative`` still holds exactly the bytes the manifest recorded."""
     if not isinstance(record, dict):
@@ -467,7 +443,7 @@ def _matches_record(dest: Path, relative: str, record: Any) -> bool:
     try:
         if not path.is_file() or path.stat().st_size != record.get("size"):
             return False
-        return _sha256(path) == record.get("sha256")
+        return sha256_file(path) == record.get("sha256")
     except OSError:
         return False
 
@@ -498,7 +474,7 @@ def _fetch_file(client: KaggleClient, dataset: str, remote: _RemoteFile, dest: P
         # zip's CRC-32 has already vouched for the extracted bytes.
         if remote.size and remote.size not in (size, archive_size):
             raise _IntegrityError(f"{remote.name}: got {size} bytes, the listing says {remote.size}")
-        record = {"size": size, "sha256": _sha256(payload), "listed_size": remote.size}
+        record = {"size": size, "sha256": sha256_file(payload), "listed_size": remote.size}
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(payload, target)
@@ -562,7 +538,7 @@ def _copy_limited(source: BinaryIO, sink: BinaryIO, limit: int | None) -> None:
     """Copy ``source`` to ``sink``; stop past ``limit`` bytes so a zip bomb cannot fill the disk."""
     copied = 0
     while True:
-        chunk = source.read(_HASH_CHUNK)
+        chunk = source.read(HASH_CHUNK)
         if not chunk:
             return
         sink.write(chunk)

@@ -29,6 +29,7 @@ from typing import Any
 
 from medsr.atomic import atomic_path, write_json
 from medsr.data.sources.errors import SourceError
+from medsr.data.sources.transfer import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ MANIFEST_NAME = ".medsr-local.json"
 FINGERPRINT_PATH = Path("data/local-sources.json")
 _KEEP_IN_DEST = (MANIFEST_NAME, ".medsr-source.json")  # the download's own bookkeeping, not mirrored files
 _DICOM_MAGIC_OFFSET = 128
-_HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -92,30 +92,47 @@ def _is_image(path: Path, suffixes: tuple[str, ...]) -> bool:
     return (not suffix or suffix.isdigit()) and _looks_like_dicom(path)
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    for folder, dirs, files in os.walk(root):
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, its links followed, lies inside ``root`` (``root`` resolved)."""
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # a dangling or looping link
+        return False
+    return resolved == root or root in resolved.parents
+
+
+def _walk(root: Path, outside: list[Path] | None = None) -> Iterator[Path]:
+    """Files below ``root``, hidden ones skipped; a link that leads out of ``root`` is not followed
+    (it could name /etc/passwd or another patient folder) but appended to ``outside``."""
+    for folder, dirs, files in os.walk(root):  # symlinked folders are listed, never entered
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .dvc, .cache: never walked
-        for name in sorted(files):
-            if not name.startswith("."):
-                yield Path(folder) / name
+        for name in sorted(files + [d for d in dirs if (Path(folder) / d).is_symlink()]):
+            path = Path(folder) / name
+            if name.startswith("."):
+                continue
+            if path.is_symlink() and not _inside(path, root):
+                if outside is not None:
+                    outside.append(path)
+                continue
+            if not path.is_symlink() or path.is_file():
+                yield path
 
 
-def find_local_images(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """Every image file below ``root`` (see the module docstring for what counts), sorted."""
-    return sorted(p for p in _walk(root) if p.is_file() and _is_image(p, suffixes))
+def find_local_images(root: Path, suffixes: tuple[str, ...], modality: str = "local") -> list[Path]:
+    """Every image file below ``root`` (see the module docstring for what counts), sorted; links
+    out of ``root`` are skipped, with one warning line naming them."""
+    outside: list[Path] = []
+    images = sorted(p for p in _walk(root, outside) if p.is_file() and _is_image(p, suffixes))
+    if outside:
+        names = ", ".join(p.relative_to(root).as_posix() for p in outside[:10])
+        log.warning("local source %s: %d link(s) lead out of %s and are not followed: %s%s; copy the files into "
+                    "the folder instead", modality, len(outside), root, names, " ..." if len(outside) > 10 else "")
+    return images
 
 
 def _no_images(root: Path, modality: str, suffixes: tuple[str, ...]) -> SourceError:
     return SourceError(f"data.sources.{modality}.local.path: {root} holds no image files "
                        f"({' '.join(suffixes)}, or DICOM); put the images there or fix the path")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_manifest(dest: Path) -> dict[str, dict[str, Any]]:
@@ -145,7 +162,7 @@ def sync_local_images(path: Any, dest: Path, suffixes: tuple[str, ...], modality
     """
     dest = Path(dest)
     root = local_folder(path, modality, dest)
-    images = find_local_images(root, suffixes)
+    images = find_local_images(root, suffixes, modality)
     if not images:
         raise _no_images(root, modality, suffixes)
     recorded = _read_manifest(dest)
@@ -161,8 +178,8 @@ def sync_local_images(path: Any, dest: Path, suffixes: tuple[str, ...], modality
             sha = str(before["sha256"])  # size and mtime unchanged since the last sync: not re-read
             report.unchanged += 1
         else:
-            sha = _sha256(source)
-            known = before.get("sha256") if before else (_sha256(target) if present else None)
+            sha = sha256_file(source)
+            known = before.get("sha256") if before else (sha256_file(target) if present else None)
             if present and known == sha:
                 report.unchanged += 1  # touched or copied over with the same bytes
             else:
