@@ -110,7 +110,7 @@ class BodyBuffer:
 
     CHUNK = 1 << 20
 
-    def __init__(self, spool_bytes: int = 8 << 20) -> None:
+    def __init__(self, spool_bytes: int = 1 << 20) -> None:  # 64 queued uploads hold at most 64 MiB of memory
         self.file: BinaryIO = tempfile.SpooledTemporaryFile(max_size=spool_bytes, prefix="medsr-body-")  # type: ignore[assignment]
         self.size = 0
 
