@@ -54,11 +54,11 @@ def recipes():
 def verify(weights: Path) -> list[dict]:
     """Each shared checkpoint: sha256, strict load, grey == RGB on a real image, flat in -> flat out."""
     from medsr.models.published import rgb_reference_output
-    from medsr.pretrained import KNOWN_CHECKPOINTS, fetch_checkpoint, load_published
+    from medsr.pretrained import KNOWN_CHECKPOINTS, find_checkpoint, load_published
 
     checks = []
     for (name, scale), init in KNOWN_CHECKPOINTS.items():
-        path = Path(fetch_checkpoint(init, weights, retries=0)["path"])  # found and checked, or one line
+        path = find_checkpoint(init, weights)  # found and checked, or one line saying what to put where
         generator = load_published(name, scale, path).eval()
         trunk = generator.trunk_class(scale, colours=3)
         trunk.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
@@ -113,19 +113,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, default=REPO / "pretrained")
     parser.add_argument("--scales", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--phase", choices=["verify", "experiments", "report", "all"], default="all")
+    parser.add_argument("--phase", choices=["verify", "experiments", "report", "all"], default="all",
+                        help="verify always runs first (sha256, strict load); experiments are cached in tmp/")
     args = parser.parse_args()
     os.chdir(REPO)
     torch.set_num_threads(1)  # the machine's cores are shared: one thread each is the fastest per core
-    if args.phase in ("verify", "all"):
-        verify(args.weights)
+    from medsr.data.sources.errors import SourceError
+
+    try:
+        checks = verify(args.weights)
+    except SourceError as err:  # a checkpoint missing or altered: the one line that says what to put where
+        raise SystemExit(f"bench_pretrained: {err}") from None
     if args.phase in ("experiments", "all"):
         for scale in args.scales:
             experiments(scale, args.weights)
     if args.phase in ("report", "all"):
         from medsr.finetune import pretrained_report
 
-        report = pretrained_report(args.scales, args.weights, verify(args.weights), CACHE, REPO / "data/pairs",
+        report = pretrained_report(args.scales, args.weights, checks, CACHE, REPO / "data/pairs",
                                    REPO / "metrics/benchmark.json", champions=CHAMPIONS)
         report["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}
         from medsr.atomic import write_json

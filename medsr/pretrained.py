@@ -141,6 +141,23 @@ def place_hint(init: CheckpointInit, target: Path) -> str:
     return f"put the file from {init.url} (sha256 {init.sha256}; {init.source}, {init.licence}) at {target}"
 
 
+def find_checkpoint(init: CheckpointInit, root: Path = PRETRAINED_ROOT) -> Path:
+    """``root/init.file``, checked against the pinned sha256; never downloads.
+
+    Raises:
+        SourceError: the file is missing (the message says which file to put where, or to run
+            ``dvc repro pretrained``) or has another sha256 (the message names it and both digests).
+    """
+    target = root / init.file
+    if not target.is_file():
+        raise SourceError(f"{target} is missing: run `dvc repro pretrained`, or {place_hint(init, target)}")
+    actual = sha256_file(target)
+    if actual != init.sha256:
+        raise SourceError(f"{target} has sha256 {actual}, expected {init.sha256}: not the checkpoint "
+                          f"params.yaml names; delete it to download it again, or {place_hint(init, target)}")
+    return target
+
+
 def fetch_checkpoint(init: CheckpointInit, root: Path = PRETRAINED_ROOT, *, opener: Opener | None = None,
                      retries: int = 3, backoff_seconds: float = 2.0,
                      sleep: Callable[[float], Any] = time.sleep) -> dict[str, Any]:
@@ -158,10 +175,7 @@ def fetch_checkpoint(init: CheckpointInit, root: Path = PRETRAINED_ROOT, *, open
     target = root / init.file
     result = {"path": str(target), **init.as_dict()}
     if target.is_file():
-        actual = sha256_file(target)
-        if actual != init.sha256:
-            raise SourceError(f"{target} has sha256 {actual}, expected {init.sha256}: not the checkpoint "
-                              f"params.yaml names; delete it to download it again, or {place_hint(init, target)}")
+        find_checkpoint(init, root)  # checked: a file with another sha256 is refused, never replaced
         return {**result, "status": "found"}
     partial = root / PARTIAL_DIR / f"{init.file}.part"
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -225,13 +239,7 @@ def initial_state(model: str, scale: int, init_entry: Mapping[str, Any],
             ``dvc repro pretrained``) or has another sha256.
     """
     init = CheckpointInit.from_mapping(init_entry, f"train.models.{model} (x{scale}).init")
-    target = root / init.file
-    if not target.is_file():
-        raise SourceError(f"{target} is missing: run `dvc repro pretrained`, or {place_hint(init, target)}")
-    actual = sha256_file(target)
-    if actual != init.sha256:
-        raise SourceError(f"{target} has sha256 {actual}, expected {init.sha256}: {place_hint(init, target)}")
-    return load_published(model, scale, target).state_dict()
+    return load_published(model, scale, find_checkpoint(init, root)).state_dict()
 
 
 def checkpoint_inits(params: Mapping[str, Any]) -> list[tuple[str, int, CheckpointInit]]:

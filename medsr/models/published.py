@@ -33,9 +33,11 @@ Every other MedSR generator outputs ``bicubic(x) + residual`` so that, untrained
 bicubic and training only adds detail. These trunks output the image itself, and a bicubic skip
 cannot be added without changing what the published weights compute (the skip is not a function
 of their features). They are meant to start from those weights, which is the rule's intent taken
-further: the starting point is a network already 3-4 dB above bicubic on clean input, and
-fine-tuning moves away from it (the L2-SP penalty of :mod:`medsr.pretrained` keeps it close). The
-rest of the rule holds: 1 channel in and out, centred input to the first convolution, no clamp in
+further: the starting point is a network already 3-4 dB above bicubic on clean test input, and
+fine-tuning moves away from it only as far as it must (:mod:`medsr.finetune`: EMA, interpolation
+back towards the published weights, the noise gate; docs/pretrained.md). The rest of the rule
+holds: 1 channel in and out, the centred input (``x - 0.5``, in the published range) to the first
+convolution, no clamp in
 training mode and a clamp to [0, 1] in eval mode. Built without weights (from scratch) the last
 convolution starts small (:func:`~medsr.models.blocks.shrink_init_`), so the untrained output is
 near 0 rather than an arbitrary activation; training such a network from scratch is possible but
