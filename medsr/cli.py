@@ -138,12 +138,7 @@ def print_results() -> None:
         return
     checks = learning_checks(report)
     for result in [*results_tables(report, "test"), learning_table(checks), sizes_table(checks)]:
-        table = Table(title=result.title)
-        for i, column in enumerate(result.columns):
-            table.add_column(column, justify="left" if i == 0 else "right")
-        for row in result.rows:
-            table.add_row(*row)
-        console.print(table)
+        console.print(result.to_rich())
     console.print("Every table as markdown, test and validation: `medsr report` (writes docs/results.md)")
 
 

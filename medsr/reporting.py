@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rich.table import Table
+
 BASELINE_ROWS = ("bicubic", "bicubic+consistency")
 
 
@@ -22,6 +24,15 @@ class ResultsTable:
     title: str
     columns: list[str]
     rows: list[list[str]]
+
+    def to_rich(self) -> Table:
+        """The table as ``medsr summary`` prints it: names left, numbers right."""
+        table = Table(title=self.title)
+        for i, column in enumerate(self.columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in self.rows:
+            table.add_row(*row)
+        return table
 
 
 def _cells(rows: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -7,7 +7,6 @@ import io
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from medsr.reporting import learning_checks, learning_table, markdown, results_document, results_tables, sizes_table
 
@@ -78,12 +77,7 @@ def test_tables_fit_an_80_column_log_without_cutting_numbers() -> None:
     for table_data in [*results_tables(_report("test"), "test"), learning_table(checks), sizes_table(checks)]:
         out = io.StringIO()
         console = Console(file=out, width=80, force_terminal=False)
-        table = Table(title=table_data.title)
-        for i, column in enumerate(table_data.columns):
-            table.add_column(column, justify="left" if i == 0 else "right")
-        for row in table_data.rows:
-            table.add_row(*row)
-        console.print(table)
+        console.print(table_data.to_rich())  # what `medsr summary` prints
         printed = out.getvalue()
         assert "…" not in printed, printed
         assert max(len(line) for line in printed.splitlines()) <= 80
