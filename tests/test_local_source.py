@@ -167,3 +167,14 @@ def test_links_out_of_the_folder_are_not_followed(tmp_path: Path, caplog: pytest
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     for name in ("evil.dcm", "outside.tif", "linked_folder"):
         assert name in warning, warning
+
+
+def test_mirror_is_a_copy_that_shares_no_inode_with_the_users_files(tmp_path: Path) -> None:
+    """DVC's cache hard-links and write-protects data/raw (.dvc/config): a mirror hard-linked to the
+    user's folder would put the user's own files into the cache."""
+    root = make_folder(tmp_path / "images")
+    dest = tmp_path / "raw"
+    sync_local_images(root, dest, SUPPORTED_SUFFIXES)
+    for name in ("a.tif", "sub/b.tif", "c.tif"):
+        assert (dest / name).read_bytes() == (root / name).read_bytes()
+        assert (dest / name).stat().st_ino != (root / name).stat().st_ino

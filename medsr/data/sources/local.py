@@ -146,13 +146,15 @@ def _read_manifest(dest: Path) -> dict[str, dict[str, Any]]:
 
 
 def _place(source: Path, target: Path) -> None:
-    """``target`` becomes ``source``'s content atomically (a hard link when possible: no second copy)."""
+    """``target`` becomes a copy of ``source``'s content, atomically.
+
+    A copy, not a hard link: DVC's cache hard-links (``.dvc/config``) and write-protects what
+    ``data/raw`` holds, so a link here would put the user's own file into the cache (made
+    read-only, and corrupted by any later in-place edit of it). The copy costs no more than
+    before: with the old copying cache DVC made the same copy when it committed ``data/raw``.
+    """
     with atomic_path(target) as tmp:
-        try:
-            tmp.unlink()
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
+        shutil.copyfile(source, tmp)
 
 
 def sync_local_images(path: Any, dest: Path, suffixes: tuple[str, ...], modality: str = "local") -> SyncReport:
