@@ -469,3 +469,75 @@ def test_nih_without_label_csv_is_an_error(tmp_path: Path) -> None:
 def test_bad_dataset_slug_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="kaggle.dataset"):
         run(FakeKaggle(ct_files()), tmp_path, dataset="not-a-slug")
+
+
+# --- cost per file ----------------------------------------------------------------------------
+
+
+def _bytes_written() -> int:
+    """Bytes this process has passed to write() so far (Linux's /proc/self/io ``wchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("/proc/self/io has no wchar line")
+
+
+class CountingKaggle(FakeKaggle):
+    """Records the bytes written by every ``window`` downloads; stops the run once a window writes
+    more than ``limit`` times the first one (a quadratic manifest would write ~24 GB by file 20,000)."""
+
+    def __init__(self, files: dict[str, bytes], window: int, limit: float) -> None:
+        super().__init__(files, page_cap=200)
+        self.window, self.limit = window, limit
+        self.windows: list[int] = []
+        self.mark = 0
+
+    def dataset_download_file(self, dataset: str, file_name: str, path: str | None = None, force: bool = False,
+                              quiet: bool = True) -> bool:
+        if len(self.downloads) % self.window == 0:
+            now = _bytes_written()
+            if self.downloads:
+                self.windows.append(now - self.mark)
+                if self.windows[-1] > self.limit * self.windows[0]:
+                    raise RuntimeError(f"window {len(self.windows)} wrote {self.windows[-1]} bytes, "
+                                       f"the first {self.windows[0]}")
+            self.mark = now
+        return super().dataset_download_file(dataset, file_name, path, force, quiet)
+
+
+def test_manifest_bytes_per_file_do_not_grow_with_the_count(tmp_path: Path) -> None:
+    """20,000 files: the bytes written per file (payload, manifest) are the same for the last
+    thousand files as for the second thousand, and a resumed run reads back every record."""
+    count, window = 20_000, 1_000
+    files = {f"ct_scans/{i:05d}.nii": b"v" * 64 for i in range(count)}
+    client = CountingKaggle(files, window=window, limit=1.5)
+    report = run(client, tmp_path, max_images=count)
+    assert report.downloaded == count
+    assert len(client.windows) == count // window - 1
+    # The first window also holds one-off work (tqdm's first lines): compare with the second.
+    assert max(client.windows[1:]) <= 1.2 * client.windows[1]
+    assert client.windows[1] / window < 400  # the 64-byte payload and one manifest line each
+
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["complete"] is True
+    assert len(manifest["files"]) == count
+
+
+def test_interrupted_run_resumes_from_the_appended_records(tmp_path: Path) -> None:
+    """A run killed mid-way leaves its first line plus one appended line per completed file (the
+    last possibly cut short): the rerun fetches only what no whole line records."""
+    client = FakeKaggle(ct_files())
+    client.always_fail["ct_scans/c.nii"] = requests.ConnectionError("connection reset by peer")
+    with pytest.raises(SourceError):
+        run(client, tmp_path, retries=0)
+    lines = (tmp_path / MANIFEST_NAME).read_text().splitlines()
+    assert len(lines) == 3  # the first line, then a.nii and b.nii.gz
+    assert json.loads(lines[1])["file"] == "ct_scans/a.nii"
+    with (tmp_path / MANIFEST_NAME).open("a") as manifest:
+        manifest.write('{"file": "ct_scans/c.nii", "rec')  # a write cut short by the kill
+
+    del client.always_fail["ct_scans/c.nii"]
+    client.downloads.clear()
+    report = run(client, tmp_path)
+    assert client.downloads == ["ct_scans/c.nii"]
+    assert (report.downloaded, report.skipped) == (1, 2)

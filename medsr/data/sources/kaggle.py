@@ -9,6 +9,10 @@ Guarantees
 ----------
 * Resumable: ``dest/.medsr-manifest.json`` records every completed file (relative path, size,
   sha256). A rerun re-hashes what is on disk, skips what still matches and fetches the rest.
+  Each run writes the manifest once as a new file (one JSON line), appends one line per completed
+  file and rewrites it whole once at the end: the cost per file does not grow with the count
+  (rewriting it after every file was quadratic: ~1.4 TB of JSON at NIH's 112,120 files), and the
+  append goes to this run's own inode, never to one DVC's hard-linked cache shares.
   When the manifest already covers the same request and every file matches, nothing on the
   network is touched (no listing, no credentials needed), so a finished download reruns
   offline.
@@ -51,7 +55,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 from tqdm import tqdm
 
-from medsr.atomic import write_json, write_text
+from medsr.atomic import write_text
 from medsr.data.sources.errors import SourceError
 from medsr.data.sources.transfer import HASH_CHUNK, sha256_file, with_retries
 
@@ -428,11 +432,44 @@ def _relative_target(dataset: str, name: str) -> str:
 
 
 def _load_manifest(dest: Path) -> dict[str, Any]:
-    manifest = _read_json_object(dest / MANIFEST_NAME)
+    """The manifest as one object: its first JSON line, then the records appended after it."""
+    try:
+        lines = (dest / MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    try:
+        manifest = json.loads("\n".join(lines))  # a whole document (a finished run, or version 1's indented one)
+    except ValueError:
+        manifest = _journaled_manifest(lines)
+    manifest = manifest if isinstance(manifest, dict) else {}
     files = manifest.get("files")
     if manifest.get("version") != MANIFEST_VERSION or not isinstance(files, dict):
         return {"version": MANIFEST_VERSION, "files": {}}
     return manifest
+
+
+def _journaled_manifest(lines: list[str]) -> dict[str, Any]:
+    """A manifest whose run appended ``{"file", "record"}`` lines after its first line."""
+    try:
+        manifest = json.loads(lines[0]) if lines else {}
+    except ValueError:
+        return {}
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return {}
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            break  # the line a crash cut short: the files recorded before it stand, the rest are re-hashed
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            files[entry["file"]] = entry.get("record")
+    return manifest
+
+
+def _write_manifest(dest: Path, manifest: dict[str, Any]) -> None:
+    """The whole manifest as one JSON line, under a new inode (written aside and moved)."""
+    write_text(dest / MANIFEST_NAME, json.dumps(manifest, sort_keys=True) + "\n")
 
 
 def _matches_record(dest: Path, relative: str, record: Any) -> bool:
@@ -662,11 +699,12 @@ def download_kaggle(
         "order": relatives,
         "files": records,
     }
-    write_json(dest / MANIFEST_NAME, manifest)
+    _write_manifest(dest, manifest)
 
     report = DownloadReport(files=relatives)
     try:
-        with tqdm(total=len(wanted), desc=f"kaggle {dataset}", unit="file", disable=len(wanted) < 2) as progress:
+        with (dest / MANIFEST_NAME).open("a", encoding="utf-8") as journal, \
+                tqdm(total=len(wanted), desc=f"kaggle {dataset}", unit="file", disable=len(wanted) < 2) as progress:
             for remote, relative in zip(wanted, relatives, strict=True):
                 record = records.get(relative)
                 remote_unchanged = (
@@ -682,8 +720,10 @@ def download_kaggle(
                         **retry_options,
                     )
                     records[relative] = record
-                    # Record progress file by file so an interrupted run resumes where it stopped.
-                    write_json(dest / MANIFEST_NAME, manifest)
+                    # Record progress file by file so an interrupted run resumes where it stopped:
+                    # one appended line, flushed, whatever the number of files before it.
+                    journal.write(json.dumps({"file": relative, "record": record}, sort_keys=True) + "\n")
+                    journal.flush()
                     report.downloaded += 1
                     report.bytes += int(record["size"])
                 progress.update(1)
@@ -693,7 +733,7 @@ def download_kaggle(
     if labels is not None:
         _write_nih_patients(dest, relatives[-1], relatives[:-1], dataset)
     manifest["complete"] = True
-    write_json(dest / MANIFEST_NAME, manifest)
+    _write_manifest(dest, manifest)
     log.info(
         "Kaggle dataset %s: %d files (%d downloaded, %d already present, %d bytes fetched)",
         dataset,
