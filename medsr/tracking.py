@@ -56,15 +56,27 @@ def git_commit(cwd: Path | None = None) -> str:
         return "unknown"
 
 
+def locked_hash(out: Path, stage: str = "degrade", lock: Path = Path("dvc.lock")) -> str | None:
+    """``dvc:<md5>``, the hash ``lock`` records for ``stage``'s output ``out`` (a path as dvc.yaml
+    names it, relative to the lock's folder); None without a lock or such an output."""
+    if not lock.is_file():
+        return None
+    import yaml
+
+    wanted = Path(os.path.relpath(Path(out).resolve(), lock.resolve().parent)).as_posix() if Path(out).is_absolute() \
+        else Path(out).as_posix()
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for entry in stages.get(stage, {}).get("outs", []):
+        if entry.get("path") == wanted and entry.get("md5"):
+            return f"dvc:{entry['md5']}"
+    return None
+
+
 def data_version(pairs_dir: Path = Path("data/pairs"), lock: Path = Path("dvc.lock")) -> str:
     """DVC's hash of the pair sets (from dvc.lock); without a lock, a hash of their index files."""
-    if lock.is_file():
-        import yaml
-
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        for out in stages.get("degrade", {}).get("outs", []):
-            if out.get("path") == pairs_dir.as_posix():
-                return f"dvc:{out.get('md5')}"
+    locked = locked_hash(pairs_dir, "degrade", lock)
+    if locked is not None:
+        return locked
     digest = hashlib.sha256()
     for index in sorted(pairs_dir.rglob("index.json")):
         digest.update(index.relative_to(pairs_dir).as_posix().encode())

@@ -87,3 +87,47 @@ def test_code_version_covers_the_model_and_the_training_loop_only() -> None:
     assert {"medsr/models/espcn.py", "medsr/models/blocks.py", "medsr/training/trainer.py", "medsr/losses/recipes.py",
             "medsr/models/architectures.py"} <= files
     assert "medsr/models/srgan.py" not in files  # another model's edit must not retrain this one
+
+
+def lock_for(config: TrainConfig, md5: str) -> Path:
+    """A dvc.lock beside the pairs whose degrade stage records ``md5`` for them."""
+    root = Path(config.pairs_root).parent
+    (root / "dvc.lock").write_text(f"schema: '2.0'\nstages:\n  degrade:\n    outs:\n    - path: pairs\n      md5: {md5}\n")
+    return root
+
+
+def test_under_dvc_the_data_version_is_the_locks_hash(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc repro` checked data/pairs against dvc.lock before the stage ran: its hash is taken as it
+    is, and the pixel arrays are not read again."""
+    root = lock_for(config, "0123abcd.dir")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.setenv("DVC_STAGE", "train@espcn")
+    config.pairs_root = "pairs"
+    before = training_inputs(config)
+    write_sets(root / "pairs", noise=0.01)  # DVC would have rerun degrade and locked the new hash
+    assert before["data"] == "dvc:0123abcd.dir"
+    assert training_inputs(config) == before
+
+
+def test_outside_dvc_a_stale_lock_is_not_trusted(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside `dvc repro` (no DVC_STAGE) the pair sets are hashed: rewritten since the lock, they count as changed."""
+    root = lock_for(config, "0123abcd.dir")
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    config.pairs_root = "pairs"
+    before = training_inputs(config)
+    write_sets(root / "pairs", noise=0.01)
+    assert not before["data"].startswith("dvc:")
+    assert training_inputs(config)["data"] != before["data"]
+
+
+def test_under_dvc_pairs_that_are_not_degrades_output_are_hashed(config: TrainConfig,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root = lock_for(config, "0123abcd.dir")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DVC_STAGE", "train@espcn")
+    (root / "other").mkdir()
+    write_sets(root / "other", noise=0.0)
+    config.pairs_root = "other"
+    assert not training_inputs(config)["data"].startswith("dvc:")

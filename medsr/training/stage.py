@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
@@ -57,11 +58,26 @@ def pair_sets_read(pairs_root: str | Path, scale: int) -> list[Path]:
 
 
 def data_version(pairs_root: str | Path, scale: int) -> str:
-    """sha256 (16 hex) of the pair sets :func:`pair_sets_read` names: file names and bytes.
+    """The version of the pair sets a run at ``scale`` reads, from ``dvc.lock`` when DVC vouches for it.
 
-    The pixel arrays are hashed, not only ``index.json``: a degradation change (blur, noise)
-    keeps every id, offset and shape, so the index alone would not see it.
+    * Run by ``dvc repro`` (DVC sets ``DVC_STAGE`` for a stage's command): DVC has just checked
+      ``data/pairs`` against ``dvc.lock`` (or rerun degrade and recorded the new hash) before it
+      started this stage, so the lock's hash is the data's: ``dvc:<md5>``, read in milliseconds.
+      It covers every split and scale, a superset of what this run reads.
+    * Anywhere else (a script, a test, a folder other than degrade's output, pairs rewritten since
+      the last ``dvc repro``), the lock may be stale, so the pair sets :func:`pair_sets_read` names
+      are hashed, file names and bytes (16 hex of sha256): the pixel arrays too, since a
+      degradation change (blur, noise) keeps every id, offset and shape of ``index.json``.
+
+    The two forms never match each other: a run started under DVC and resumed outside it (or the
+    reverse) starts again at step 0 rather than trust a version it cannot check.
     """
+    if os.environ.get("DVC_STAGE"):
+        from medsr.tracking import locked_hash
+
+        locked = locked_hash(Path(pairs_root), "degrade", Path(os.environ.get("DVC_ROOT", ".")) / "dvc.lock")
+        if locked is not None:
+            return locked
     root = Path(pairs_root)
     digest = hashlib.sha256()
     for folder in pair_sets_read(root, scale):
