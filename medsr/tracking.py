@@ -72,6 +72,32 @@ def locked_hash(out: Path, stage: str = "degrade", lock: Path = Path("dvc.lock")
     return None
 
 
+def is_cache_checkout(out: Path, locked: str, cache: Path = Path(".dvc/cache")) -> bool:
+    """Whether the folder ``out`` is exactly the checkout of DVC's cache object ``locked``
+    (``dvc:<md5>.dir``, from :func:`locked_hash`), told by ``stat`` alone: the same file names, each
+    the cache's own inode. With ``cache.type hardlink`` (.dvc/config) a committed output is that;
+    the cache is write-protected and outputs are only ever replaced, never edited in place, so a
+    file still on its cache inode holds the cache's bytes. A copy, a rewrite since or a missing
+    cache says False."""
+    md5 = locked.removeprefix("dvc:")
+    if not md5.endswith(".dir"):
+        return False
+    objects = cache / "files" / "md5"
+    try:
+        entries = json.loads((objects / md5[:2] / md5[2:]).read_text())
+        listed = {entry["relpath"]: entry["md5"] for entry in entries}
+        present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+        if present != set(listed):
+            return False
+        for relpath, digest in listed.items():
+            here, there = (out / relpath).stat(), (objects / digest[:2] / digest[2:]).stat()
+            if (here.st_ino, here.st_dev) != (there.st_ino, there.st_dev):
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
 def data_version(pairs_dir: Path = Path("data/pairs"), lock: Path = Path("dvc.lock")) -> str:
     """DVC's hash of the pair sets (from dvc.lock); without a lock, a hash of their index files."""
     locked = locked_hash(pairs_dir, "degrade", lock)

@@ -67,7 +67,6 @@ assert listing.exit_code == 0 and "toy" in listing.output, listing.output
 # 2. It trains on the smoke profile through the train stage (checkpoint, MLflow run, metrics file).
 params = load_params("params.yaml")
 params["degrade"]["scales"] = [2]
-params["degrade"]["ssl"] = False
 rng = np.random.default_rng(3)
 rows = []
 for i, (modality, split) in enumerate([(m, s) for m in ("xray", "mri") for s in ("train", "train", "val", "test")]):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from medsr.data.ingest import TABLE_NAME, IngestOptions, ingest
 from medsr.data.pairing import build_pair_sets
-from medsr.data.pairs import PairSet
+from medsr.data.pairs import PairSet, TileSet
 from medsr.data.split import find_leaks, leaked_patients, split_table
 from medsr.data.validation import validate_table
 from medsr.params import load_params
@@ -138,13 +138,13 @@ def test_split_and_degrade_on_the_sample(sample_interim: Path, tmp_path: Path) -
     assert digests(tmp_path / "a") == digests(tmp_path / "b")  # byte-identical
     changed = dict(PARAMS["degrade"], seed=int(PARAMS["degrade"]["seed"]) + 1)
     build_pair_sets(small, sample_interim, tmp_path / "c", changed)
-    assert digests(tmp_path / "a")["test/x4/standard/lr.npy"] != digests(tmp_path / "c")["test/x4/standard/lr.npy"]
+    assert digests(tmp_path / "a")["test/x4/realistic/lr.npy"] != digests(tmp_path / "c")["test/x4/realistic/lr.npy"]
 
-    pairs = PairSet(tmp_path / "a" / "train" / "x4" / "standard")
+    pairs = PairSet(tmp_path / "a" / "test" / "x4" / "realistic")
     lr, hr = pairs.patch(0, 8, np.random.default_rng(0))
     assert lr.shape == (1, 8, 8) and hr.shape == (1, 32, 32)
-    ssl = PairSet(tmp_path / "a" / "train" / "x2" / "ssl")
-    assert ssl.hr(0).shape[-1] == 2 * ssl.lr(0).shape[-1]
+    tiles = TileSet(tmp_path / "a" / "train" / "hr")
+    assert len(tiles) == int((small["split"] == "train").sum()) and tiles.attrs["recipe"]["blind"] == PARAMS["degrade"]["blind"]
 
 
 @pytest.mark.slow

@@ -38,7 +38,6 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("evaluate")
     params = load_params(REPO_ROOT / "params.yaml")
     params["degrade"]["scales"] = [SCALE]
-    params["degrade"]["ssl"] = False
     rng = np.random.default_rng(5)
     rows = []
     for i, (modality, split) in enumerate([(m, s) for m in ("xray", "mri") for s in ("train", "train", "val", "test", "test")]):

@@ -40,7 +40,7 @@ def test_one_and_two_workers_write_identical_pairs(images, tmp_path: Path) -> No
     two = build_pair_sets(table, interim, tmp_path / "two", params, workers=2)
     assert one == two
     digests = _digests(tmp_path / "one")
-    assert len(digests) > 30 and digests == _digests(tmp_path / "two")
+    assert len(digests) == 26 and digests == _digests(tmp_path / "two")  # train/hr, 2 splits x 2 scales x 2 tracks
 
 
 def test_a_local_dask_cluster_writes_identical_pairs(images, tmp_path: Path) -> None:
@@ -62,27 +62,32 @@ def test_bad_worker_count_is_refused(images, tmp_path: Path) -> None:
 
 def test_every_set_stores_the_hr_its_lr_was_made_from_once_per_split_and_scale(images, tmp_path: Path) -> None:
     from medsr.data.pairing import PairSource, make_pair
-    from medsr.data.pairs import PairSet
+    from medsr.data.pairs import PairSet, TileSet
 
     interim, table, params = images
     build_pair_sets(table, interim, tmp_path / "pairs", params, workers=2)
     sources = {r.id: PairSource(r.id, r.modality, r.array) for r in table.itertuples()}
-    for split in ("train", "val", "test"):
+    for split in ("val", "test"):
         for scale in params["scales"]:
             sets = {p.name: p for p in (tmp_path / "pairs" / split / f"x{scale}").iterdir()}
-            assert {"standard", "blind"} <= set(sets)
-            owner = (sets["standard"] / "hr.npy").stat()
+            assert set(sets) == {"clean", "realistic"}  # the tracks; nothing reads other kinds there
+            owner = (sets["clean"] / "hr.npy").stat()
             for kind, folder in sets.items():
                 pairs = PairSet(folder)
-                if kind == "ssl":
-                    continue
-                # the HR a reader gets is the one make_pair degraded into that LR, in every kind
+                # the HR a reader gets is the one make_pair degraded into that LR, in every track
                 for i, pair in enumerate(pairs.pairs):
                     made = make_pair(sources[pair["id"]], interim_dir=interim, scale=scale, kind=kind, params=params)
                     np.testing.assert_array_equal(pairs.hr(i), made.hr)
                     np.testing.assert_array_equal(pairs.lr(i), made.lr)
                 # ... and it is on disk once per split and scale
                 assert (folder / "hr.npy").stat().st_ino == owner.st_ino
+    # train: the stored tiles alone, once, whatever the scales; its pairs are degraded as they are drawn
+    assert [p.name for p in (tmp_path / "pairs" / "train").iterdir()] == ["hr"]
+    tiles = TileSet(tmp_path / "pairs" / "train" / "hr")
+    train = table[table["split"] == "train"].sort_values("id")
+    assert [p["id"] for p in tiles.pairs] == list(train["id"])
+    for i, row in enumerate(train.itertuples()):
+        np.testing.assert_array_equal(tiles.hr(i), np.load(interim / row.array))
 
 
 def test_streamed_sets_hold_the_bytes_np_save_writes(tmp_path: Path) -> None:

@@ -76,7 +76,8 @@ def test_dag_has_every_stage(reproduced: Path) -> None:
 
 @pytest.mark.slow
 def test_repro_writes_data_models_and_benchmark(reproduced: Path) -> None:
-    assert (reproduced / "data/pairs/test/x4/standard/index.json").is_file()
+    assert (reproduced / "data/pairs/test/x4/clean/index.json").is_file()
+    assert (reproduced / "data/pairs/train/hr/index.json").is_file()  # training pairs are degraded as drawn
     assert (reproduced / "reports/validation.html").is_file()
     report = json.loads((reproduced / "metrics/benchmark.json").read_text())
     models = {r["model"] for r in report["results"]}

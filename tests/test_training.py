@@ -10,10 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medsr.data.pairs import PairItem, PairSet, write_pairs
+from medsr.data import ContractError
+from medsr.data.pairing import training_recipe
+from medsr.data.pairs import PairItem, PairSet, write_pairs, write_tiles
 from medsr.losses import NO_PERCEPTUAL_NOTE
 from medsr.metrics import evaluate_pairs
 from medsr.models import build_generator
+from medsr.params import load_params
 from medsr.training import (
     CheckpointError,
     NonFiniteLossError,
@@ -49,22 +52,26 @@ def downscale(image: np.ndarray, scale: int) -> np.ndarray:
     return small.clamp(0, 1)[0].numpy()
 
 
+RECIPE = training_recipe(load_params(Path(__file__).resolve().parents[1] / "params.yaml")["degrade"])
+
+
 def write_pair_sets(root: Path, scale: int, *, hr_size: int = 32, count: int = 6,
-                    kinds: tuple[str, ...] = ("standard", "blind", "ssl")) -> Path:
-    """train/val pair sets at ``root/<split>/x<scale>/<kind>`` from smooth synthetic images."""
+                    kinds: tuple[str, ...] = ("standard",)) -> Path:
+    """From smooth synthetic images: the training tiles at ``root/train/hr`` (with params.yaml's
+    training recipe) and validation pair sets at ``root/val/x<scale>/<kind>``."""
     rng = np.random.default_rng(scale)
-    for split in ("train", "val"):
-        items: dict[str, list[PairItem]] = {kind: [] for kind in kinds}
-        for i in range(count):
-            hr = smooth_image(rng, hr_size)
-            lr = downscale(hr, scale)
-            modality = ("ct", "mri")[i % 2]
-            noisy = np.clip(lr + rng.normal(0, 0.03, lr.shape), 0, 1).astype(np.float32)
-            candidates = {"standard": (hr, lr), "blind": (hr, noisy), "ssl": (lr, downscale(lr, scale))}
-            for kind in kinds:
-                items[kind].append(PairItem(f"{split}-{i}", modality, *candidates[kind]))
+    tiles = [(f"train-{i}", ("ct", "mri")[i % 2], smooth_image(rng, hr_size)) for i in range(count)]
+    write_tiles(root / "train" / "hr", tiles, {"split": "train", "recipe": RECIPE})
+    items: dict[str, list[PairItem]] = {kind: [] for kind in kinds}
+    for i in range(count):
+        hr = smooth_image(rng, hr_size)
+        lr = downscale(hr, scale)
+        noisy = np.clip(lr + rng.normal(0, 0.03, lr.shape), 0, 1).astype(np.float32)
+        candidates = {"standard": (hr, lr), "clean": (hr, lr), "realistic": (hr, noisy)}
         for kind in kinds:
-            write_pairs(root / split / f"x{scale}" / kind, items[kind], scale=scale)
+            items[kind].append(PairItem(f"val-{i}", ("ct", "mri")[i % 2], *candidates[kind]))
+    for kind in kinds:
+        write_pairs(root / "val" / f"x{scale}" / kind, items[kind], scale=scale)
     return root
 
 
@@ -248,13 +255,14 @@ def test_corrupt_checkpoint_gives_a_clear_error(pairs_root: Path, tmp_path: Path
         load_generator(result.last_checkpoint)
 
 
-def test_nan_in_the_data_stops_with_the_model_step_and_term(tmp_path: Path) -> None:
+def test_nan_in_the_data_stops_the_run_before_a_checkpoint(tmp_path: Path) -> None:
     root = write_pair_sets(tmp_path / "pairs", 2, kinds=("standard",))
-    hr = np.load(root / "train" / "x2" / "standard" / "hr.npy", mmap_mode="r+")
-    hr[:] = np.nan  # corrupt the stored pairs behind the contract check
+    hr = np.load(root / "train" / "hr" / "hr.npy", mmap_mode="r+")
+    hr[:] = np.nan  # corrupt the stored tiles behind the writer's contract check
     hr.flush()
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match=r"espcn x2: loss term 'pixel_l1' is nan at step 1"):
+    # The patch's degradation checks the contract: the run stops before its first step.
+    with pytest.raises(ContractError, match="contains NaN"):
         train_generator(config(root, out))
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
 
@@ -289,11 +297,7 @@ def test_early_stopping_when_validation_psnr_stalls(pairs_root: Path, tmp_path: 
 
 
 def test_residual_cnn_trains_on_ssl_pairs_and_is_validated_lr_to_hr(tmp_path: Path) -> None:
-    root = write_pair_sets(tmp_path / "pairs", 2, kinds=("ssl", "standard"))
-    for split, kind in (("train", "standard"), ("val", "ssl")):  # leave only what the model may read
-        for file in (root / split / "x2" / kind).iterdir():
-            file.unlink()
-        (root / split / "x2" / kind).rmdir()
+    root = write_pair_sets(tmp_path / "pairs", 2, kinds=("standard",))
     result = train_generator(config(root, tmp_path / "run", model="residual_cnn", steps=4,
                                     model_options={"n_feats": 8}))
     val = PairSet(root / "val" / "x2" / "standard")
@@ -305,12 +309,7 @@ def test_residual_cnn_trains_on_ssl_pairs_and_is_validated_lr_to_hr(tmp_path: Pa
 
 def test_training_pairs_overrides_the_models_own_pair_set(tmp_path: Path) -> None:
     # residual_cnn's own pairs are ssl; train.models.residual_cnn.x2.training_pairs: standard trains it on HR targets.
-    root = write_pair_sets(tmp_path / "pairs", 2, kinds=("ssl", "standard"))
-    for file in (root / "train" / "x2" / "ssl").iterdir():  # only the standard pairs are left to train on
-        file.unlink()
-    (root / "train" / "x2" / "ssl").rmdir()
-    with pytest.raises(FileNotFoundError, match="ssl"):  # the model's own pairs are gone
-        train_generator(config(root, tmp_path / "own", model="residual_cnn", steps=2, model_options={"n_feats": 8}))
+    root = write_pair_sets(tmp_path / "pairs", 2, kinds=("standard",))
     params = {"seed": 7, "train": {"pairs_root": str(root), "steps": 2, "batch_size": 4, "lr_patch": 8,
                                    "val_every": 2, "checkpoint_every": 2, "quiet": True,
                                    "models": {"residual_cnn": {"model_options": {"n_feats": 8},
@@ -326,8 +325,8 @@ def test_training_pairs_overrides_the_models_own_pair_set(tmp_path: Path) -> Non
 
 
 def test_brainsr_curriculum_moves_from_x2_to_target_and_from_standard_to_blind(tmp_path: Path) -> None:
-    root = write_pair_sets(tmp_path / "pairs", 2, kinds=("standard", "blind"))
-    write_pair_sets(root, 4, hr_size=48, kinds=("standard", "blind"))
+    write_pair_sets(tmp_path / "pairs", 2)
+    root = write_pair_sets(tmp_path / "pairs", 4, hr_size=48)  # its 48-px tiles serve both scales
     from medsr.models.brainsr import curriculum_stage
 
     batches = PatchBatches(root, kind="standard", target_scale=4, batch_size=8, lr_patch=6, seed=1, first_step=1,
@@ -381,7 +380,7 @@ def test_profile_may_size_one_model_and_that_wins() -> None:
 def test_clean_fraction_replaces_that_share_of_lrs_by_the_clean_degradation_of_the_same_patches(tmp_path: Path) -> None:
     from medsr.degradations import degrade_bicubic
 
-    root = write_pair_sets(tmp_path, 2, hr_size=32, count=6, kinds=("blind",))  # "blind" LRs carry noise here
+    root = write_pair_sets(tmp_path, 2, hr_size=32, count=6)  # "blind" LRs carry noise and blur
 
     def batch(fraction: float, step: int) -> dict[str, Any]:
         return PatchBatches(root, kind="blind", target_scale=2, batch_size=32, lr_patch=8, seed=3, first_step=1,

@@ -131,3 +131,38 @@ def test_under_dvc_pairs_that_are_not_degrades_output_are_hashed(config: TrainCo
     write_sets(root / "other", noise=0.0)
     config.pairs_root = "other"
     assert not training_inputs(config)["data"].startswith("dvc:")
+
+
+def test_outside_dvc_a_checkout_of_the_locked_hash_keeps_the_locks_version(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real `dvc repro` with the project's hard-linked cache: outside DVC the pairs are still the
+    cache's checkout (same inodes), so the version is the lock's, as under `dvc repro`; rewritten
+    (a new file under the old name), they are hashed again."""
+    import configparser
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    dvc_bin = Path(sys.executable).with_name("dvc")
+    (tmp_path / "make_pairs.py").write_text(
+        "import sys\nfrom pathlib import Path\nsys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "from test_training_inputs import write_sets\nwrite_sets(Path('pairs'), noise=0.0)\n")
+    stage = {"cmd": f"{sys.executable} make_pairs.py {REPO_ROOT} {REPO_ROOT / 'tests'}", "outs": ["pairs"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"degrade": stage}}))
+    cache_type = configparser.ConfigParser()
+    cache_type.read(REPO_ROOT / ".dvc" / "config")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    env.pop("DVC_STAGE", None)
+    for args in (["init", "--no-scm", "-q"], ["config", "cache.type", cache_type["cache"]["type"]], ["repro", "-q"]):
+        done = subprocess.run([str(dvc_bin), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    config = TrainConfig(model="espcn", scale=2, pairs_root="pairs", out_dir=str(tmp_path / "models"))
+    md5 = next(o["md5"] for o in yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]["degrade"]["outs"])
+    assert training_inputs(config)["data"] == f"dvc:{md5}"
+    write_sets(tmp_path / "pairs", noise=0.0)  # the same bytes, but new files: no longer the cache's
+    assert not training_inputs(config)["data"].startswith("dvc:")

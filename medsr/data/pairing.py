@@ -1,13 +1,19 @@
-"""Build the LR/HR pair sets from the split table with the pure functions of ``medsr.degradations``.
+"""The LR/HR pairs, from the pure functions of ``medsr.degradations``: the evaluation tracks the
+degrade stage writes, and the training kinds degraded patch by patch while training draws them.
 
-Every pair's randomness comes from ``rng_for(seed, id, scale, kind)``, so a pair does not depend
-on which other images exist or in what order they are processed: same params, same bytes.
+Written (``data/pairs``): ``train/hr``, the training tiles (HR only, with the training recipe,
+:func:`training_recipe`, in their attributes), and on val and test the two evaluation tracks,
+``<split>/x<scale>/clean`` (antialiased bicubic only) and ``.../realistic`` (blur
+``degrade.blur_sigma`` + the modality's noise level). A model that wins one track by losing the
+other is not better, so both are always written. A track pair's randomness comes from
+``rng_for(seed, id, scale, track)``, so it does not depend on which other images exist or in what
+order they are processed: same params, same bytes.
 
-Kinds (``data/pairs/<split>/x<scale>/<kind>``): ``standard`` (training pairs; blur and noise
-drawn per pair from ``degrade.train_range``, clean included), ``blind`` (second-order random),
-``ssl`` (VLR -> LR), and on val and test the two evaluation tracks: ``clean`` (antialiased
-bicubic only) and ``realistic`` (blur ``degrade.blur_sigma`` + the modality's noise level).
-A model that wins one track by losing the other is not better, so both are always written.
+Training kinds (:func:`degrade_training_patch`; BasicSR and Real-ESRGAN too store only HR):
+``standard`` (blur and noise drawn per patch from ``degrade.train_range``, clean included),
+``blind`` (second-order random) and ``ssl`` (VLR -> LR). Each patch is degraded from its HR crop
+plus a margin, so that the blur and the resampling see the neighbourhood a whole-tile degradation
+would see, at the cost of a patch rather than a tile.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 
 from medsr import degradations as deg
 from medsr.data import parallel
-from medsr.data.pairs import PairItem, write_pairs
+from medsr.data.pairs import PairItem, write_pairs, write_tiles
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -87,35 +93,94 @@ class PairSource:
 
 
 def make_pair(source: PairSource, *, interim_dir: Path, scale: int, kind: str, params: Mapping[str, Any]) -> PairItem:
-    """One pair of ``kind`` for one image: a pure function of the image and ``rng_for(seed, id, scale, kind)``."""
-    seed = int(params["seed"])
+    """One evaluation-track pair for one image: a pure function of the image and ``rng_for(seed, id, scale, kind)``."""
+    if kind not in TRACKS:
+        raise ValueError(f"{kind!r} pairs are not written: training pairs are degraded as they are drawn "
+                         f"(degrade_training_patch); written tracks: {', '.join(TRACKS)}")
     image = np.load(Path(interim_dir) / source.array, allow_pickle=False)
-    rng = deg.rng_for(seed, source.id, scale, kind)
-    noise_kind, noise_level = _noise(params, source.modality)
-    if kind == "ssl":
-        # VLR -> LR pairs: the light CNN never sees HR while training (its seed's self-supervision).
-        # LR is this image's `standard` LR (same key, same bytes); VLR draws its own degradation.
-        hr = deg.crop_to_multiple(image, scale * scale)
-        lr_rng = deg.rng_for(seed, source.id, scale, "standard")
-        lr = _standard(hr, scale, noise_kind, _drawn(params, noise_level, lr_rng), lr_rng)
-        drawn = _drawn(params, noise_level, rng)
-        vlr = deg.degrade_vlr(lr, scale, blur_sigma=drawn.blur_sigma, noise_kind=noise_kind,
-                              noise_level=drawn.noise_level, rng=rng)
-        return PairItem(source.id, source.modality, hr=lr, lr=vlr, degradation=drawn.as_dict())
+    _, noise_level = _noise(params, source.modality)
     hr = deg.crop_to_multiple(image, scale)
+    drawn = track_parameters(kind, noise_level, params)
+    return PairItem(source.id, source.modality, hr=hr, lr=track_lr(hr, scale, kind, modality=source.modality,
+                                                                   key=source.id, degrade_params=params),
+                    degradation=drawn.as_dict())
+
+
+# The degrade params the training kinds read; the degrade stage stores them with the training tiles.
+RECIPE_KEYS: tuple[str, ...] = ("blur_sigma", "noise", "train_range", "blind")
+
+
+def training_recipe(params: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`degrade_training_patch` needs from ``degrade``: it travels with the training tiles,
+    so a change of it changes ``data/pairs`` (and DVC retrains) as it did when the pairs were written."""
+    return {key: params[key] for key in RECIPE_KEYS if key in params}
+
+
+def _blur_radius(sigma: float) -> int:
+    """The half-width scipy's gaussian_filter gives a blur of ``sigma`` (truncate 4)."""
+    return int(4.0 * sigma + 0.5)
+
+
+def patch_margin(kind: str, scale: int, recipe: Mapping[str, Any]) -> int:
+    """Context around a training patch, in pixels of its input (LR; VLR for ``ssl``), for the blur
+    and the antialiased bicubic (2 output pixels either side) to see what a whole-tile degradation
+    sees. ``blind``'s resizes and JPEG blocks make no exact margin possible; its margin keeps their
+    border effects (reflect padding) out of the patch."""
+    spread = recipe.get("train_range") or {}
+    sigma = float(max(spread.get("blur_sigma", [recipe.get("blur_sigma", 0.0)])))
+    standard_hr = _blur_radius(sigma) + 2 * scale
     if kind == "standard":
-        drawn = _drawn(params, noise_level, rng)
-        return PairItem(source.id, source.modality, hr=hr, lr=_standard(hr, scale, noise_kind, drawn, rng),
-                        degradation=drawn.as_dict())
-    if kind in TRACKS:
-        drawn = track_parameters(kind, noise_level, params)
-        return PairItem(source.id, source.modality, hr=hr, lr=track_lr(hr, scale, kind, modality=source.modality,
-                                                                       key=source.id, degrade_params=params),
-                        degradation=drawn.as_dict())
-    blind = params["blind"]
-    lr = deg.degrade_blind(hr, scale, blur_sigma=tuple(blind["blur_sigma"]), resize_factor=tuple(blind["resize_factor"]),
-                           noise_level=tuple(blind["noise_level"]), jpeg_quality=tuple(blind["jpeg_quality"]), rng=rng)
-    return PairItem(source.id, source.modality, hr=hr, lr=lr)
+        return -(-standard_hr // scale)
+    if kind == "ssl":  # HR -> LR (margin in LR px), then the same operator LR -> VLR
+        return -(-(-(-standard_hr // scale) + standard_hr) // scale)
+    if kind == "blind":
+        blind = recipe["blind"]
+        reach = 2 * _blur_radius(float(max(blind["blur_sigma"])) * float(max(blind["resize_factor"]))) + 8 + 2 * scale
+        return -(-reach // scale)
+    raise ValueError(f"unknown training kind {kind!r}; known: {', '.join(PAIR_KINDS)}")
+
+
+def patch_unit(kind: str, scale: int) -> int:
+    """HR pixels per input pixel of a training patch: ``scale``, or ``scale**2`` for ``ssl`` (VLR)."""
+    return scale * scale if kind == "ssl" else scale
+
+
+def degrade_training_patch(tile: np.ndarray, kind: str, scale: int, y: int, x: int, size: int, *, modality: str,
+                           recipe: Mapping[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(input, target) of one training patch of ``tile`` (``(1, H, W)``; a memory-mapped view is
+    fine: only the crop is read).
+
+    ``(y, x)`` and ``size`` place the input patch on the tile's input grid (``patch_unit`` HR
+    pixels a step). ``standard`` and ``blind``: input LR ``size``, target HR ``size * scale``;
+    ``ssl``: input VLR ``size``, target that patch's LR (``size * scale``), from one draw of the
+    standard degradation and then one of its own. The crop around the patch reaches
+    ``patch_margin`` further (less at the tile's border, where a whole-tile degradation pads too).
+    """
+    unit, margin = patch_unit(kind, scale), patch_margin(kind, scale, recipe)
+    rows, cols = tile.shape[1] // unit, tile.shape[2] // unit
+    if size < 1 or y < 0 or x < 0 or y + size > rows or x + size > cols:
+        raise ValueError(f"patch {size} at ({y}, {x}) does not fit the tile's {rows}x{cols} {kind} grid")
+    top, left = max(0, y - margin), max(0, x - margin)
+    bottom, right = min(rows, y + size + margin), min(cols, x + size + margin)
+    crop = np.array(tile[:, top * unit:bottom * unit, left * unit:right * unit], dtype=np.float32, order="C")
+    dy, dx = y - top, x - left
+    noise_kind, noise_level = _noise(recipe, modality)
+    if kind == "standard":
+        lr = _standard(crop, scale, noise_kind, _drawn(recipe, noise_level, rng), rng)
+        target = crop[:, dy * scale:(dy + size) * scale, dx * scale:(dx + size) * scale]
+    elif kind == "blind":
+        blind = recipe["blind"]
+        lr = deg.degrade_blind(crop, scale, blur_sigma=tuple(blind["blur_sigma"]),
+                               resize_factor=tuple(blind["resize_factor"]), noise_level=tuple(blind["noise_level"]),
+                               jpeg_quality=tuple(blind["jpeg_quality"]), rng=rng)
+        target = crop[:, dy * scale:(dy + size) * scale, dx * scale:(dx + size) * scale]
+    else:  # ssl: the light CNN never sees HR while training (its seed's self-supervision)
+        low = _standard(crop, scale, noise_kind, _drawn(recipe, noise_level, rng), rng)
+        drawn = _drawn(recipe, noise_level, rng)
+        lr = deg.degrade_vlr(low, scale, blur_sigma=drawn.blur_sigma, noise_kind=noise_kind,
+                             noise_level=drawn.noise_level, rng=rng)
+        target = low[:, dy * scale:(dy + size) * scale, dx * scale:(dx + size) * scale]
+    return np.ascontiguousarray(lr[:, dy:dy + size, dx:dx + size]), np.ascontiguousarray(target)
 
 
 # (function, items) -> results in the order of items: builtin map, a process pool's, or a Dask client's.
@@ -124,12 +189,10 @@ Mapper = Callable[[Callable[[PairSource], PairItem], list[PairSource]], Iterable
 
 def _make_pair_without_hr(source: PairSource, *, interim_dir: Path, scale: int, kind: str,
                           params: Mapping[str, Any]) -> PairItem:
-    """:func:`make_pair` as a worker returns it: without the HR image when that is the plain crop
-    of the stored image (every kind but ``ssl``), which the writing process reads itself or shares
-    with an earlier set. The HR is ~94% of a x4 pair's bytes: sending it back through the pool's
-    pipe kept 2 workers at 1.2x."""
-    item = make_pair(source, interim_dir=interim_dir, scale=scale, kind=kind, params=params)
-    return item if kind == "ssl" else replace(item, hr=None)
+    """:func:`make_pair` as a worker returns it: without the HR image (the plain crop of the stored
+    image), which the writing process reads itself or shares with an earlier set. The HR is ~94%
+    of a x4 pair's bytes: sending it back through the pool's pipe kept 2 workers at 1.2x."""
+    return replace(make_pair(source, interim_dir=interim_dir, scale=scale, kind=kind, params=params), hr=None)
 
 
 def _with_hr(item: PairItem, source: PairSource, interim_dir: Path, scale: int) -> PairItem:
@@ -142,8 +205,8 @@ def _with_hr(item: PairItem, source: PairSource, interim_dir: Path, scale: int) 
 def _pairs(rows: pd.DataFrame, interim_dir: Path, scale: int, kind: str, params: Mapping[str, Any],
            mapper: Mapper = map, *, with_hr: bool = True) -> Iterable[PairItem]:
     """The pairs of one set in row order. Calling it submits the work (a pool's map is eager); the
-    pairs are produced as the returned iterable is consumed. ``with_hr=False``: a pool's pairs of
-    kinds other than ``ssl`` come without HR (the writer shares an earlier set's)."""
+    pairs are produced as the returned iterable is consumed. ``with_hr=False``: a pool's pairs
+    come without HR (the writer shares an earlier set's)."""
     sources = [PairSource(str(r.id), str(r.modality), str(r.array)) for r in rows.itertuples()]
     if mapper is map:  # in-process: nothing to send, and builtin map stays lazy
         return map(partial(make_pair, interim_dir=Path(interim_dir), scale=scale, kind=kind, params=dict(params)),
@@ -185,14 +248,23 @@ def parallel_mapper(workers: int = 1, dask_address: str | None = None) -> Iterat
 
 
 def kinds_for(split: str, params: Mapping[str, Any]) -> list[str]:
-    """The pair kinds written for ``split``: training kinds everywhere, evaluation tracks on val and test."""
-    kinds = [k for k in PAIR_KINDS if k != "ssl" or params.get("ssl", True)]
-    return kinds + (list(params.get("tracks", TRACKS)) if split in EVAL_SPLITS else [])
+    """The pair sets written for ``split``: the evaluation tracks on val and test, none on train
+    (its pairs are degraded as training draws them, from ``train/hr``)."""
+    return list(params.get("tracks", TRACKS)) if split in EVAL_SPLITS else []
+
+
+TRAIN_TILES = "hr"  # data/pairs/train/hr: the training tiles
+
+
+def _training_tiles(rows: pd.DataFrame, interim_dir: Path) -> Iterator[tuple[str, str, np.ndarray]]:
+    for row in rows.itertuples():
+        yield str(row.id), str(row.modality), np.load(Path(interim_dir) / str(row.array), allow_pickle=False)
 
 
 def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, params: Mapping[str, Any], *,
                     workers: int | None = None, dask_address: str | None = None) -> dict[str, Any]:
-    """Write ``out_root/<split>/x<scale>/<kind>`` for every split, scale and kind; returns counts.
+    """Write ``out_root/train/hr`` (the training tiles, with :func:`training_recipe`) and
+    ``out_root/<split>/x<scale>/<track>`` for val and test, every scale and track; returns counts.
 
     ``workers`` (default ``degrade.workers``, else 1) local processes degrade the images of each
     set in parallel, or the Dask cluster at ``dask_address`` (default ``degrade.dask_scheduler``)
@@ -212,13 +284,18 @@ def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, para
     dask_address = dask_address or params.get("dask_scheduler") or None
     counts: dict[str, Any] = {}
     jobs = [(split, int(scale), kind) for split in SPLITS for scale in params["scales"] for kind in kinds_for(split, params)]
-    # Every kind but ssl pairs its LR with the same HR (make_pair: the stored image cropped to a
-    # multiple of the scale), so a split and scale's HR is written once and the other sets link it.
-    hr_owner = {(split, scale): kind for split, scale, kind in reversed(jobs) if kind != "ssl"}  # the first kind
+    # Every track pairs its LR with the same HR (make_pair: the stored image cropped to a multiple
+    # of the scale), so a split and scale's HR is written once and the other tracks link it.
+    hr_owner = {(split, scale): kind for split, scale, kind in reversed(jobs)}  # the first track
 
     def hr_like(split: str, scale: int, kind: str) -> Path | None:
-        owner = hr_owner.get((split, scale))
-        return None if kind in ("ssl", owner) else out_root / split / f"x{scale}" / owner
+        owner = hr_owner[(split, scale)]
+        return None if kind == owner else out_root / split / f"x{scale}" / owner
+
+    train = table[table["split"] == "train"].sort_values("id")
+    counts["train"] = {TRAIN_TILES: {"tiles": write_tiles(out_root / "train" / TRAIN_TILES,
+                                                          _training_tiles(train, interim_dir),
+                                                          {"split": "train", "recipe": training_recipe(params)})}}
 
     with parallel_mapper(workers, dask_address) as mapper:
         def submit(job: tuple[str, int, str]) -> tuple[tuple[str, int, str], Iterable[PairItem]]:

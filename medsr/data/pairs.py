@@ -8,7 +8,9 @@ A pair set is one folder (``data/pairs/<split>/x<scale>/<kind>``) holding
 
 One flat array per side, rather than one file per image, keeps a DataLoader worker's random
 patch read to a single memory-mapped slice; npz/zarr would need decompression per read.
-For the self-supervised set (kind ``ssl``) "hr" holds the LR image and "lr" the VLR image.
+
+A tile set (``data/pairs/train/hr``) is the same format with the HR side only: the training
+tiles, which :class:`medsr.training.data.PatchBatches` degrades patch by patch as it draws them.
 """
 
 from __future__ import annotations
@@ -129,8 +131,27 @@ def write_pairs(folder: str | Path, items: Iterable[PairItem], scale: int, attrs
     return len(index)
 
 
-class PairSet:
-    """Read-only view of a pair set; cheap to pickle into DataLoader workers (maps lazily)."""
+def write_tiles(folder: str | Path, items: Iterable[tuple[str, str, np.ndarray]],
+                attrs: dict[str, Any] | None = None) -> int:
+    """Write a tile set (HR only) atomically from ``(id, modality, pixels)``; returns the count."""
+    index: list[dict[str, Any]] = []
+    with atomic_dir(folder) as tmp:
+        hr_file = _FlatArrayFile(tmp / "hr.npy")
+        try:
+            for tile_id, modality, pixels in items:
+                check_contract(pixels, f"{tile_id} (HR)")
+                h, w = pixels.shape[-2:]
+                index.append({"id": tile_id, "modality": modality, "hr_offset": hr_file.append(pixels), "hr_shape": [h, w]})
+        finally:
+            hr_file.close()
+        meta = {"scale": 1, "count": len(index), "attrs": attrs or {}, "pairs": index}
+        (tmp / "index.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return len(index)
+
+
+class TileSet:
+    """Read-only view of a tile set (or the HR side of a pair set); cheap to pickle into DataLoader
+    workers (maps lazily)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -152,19 +173,31 @@ class PairSet:
         state["_hr"] = state["_lr"] = None  # each worker maps the files itself
         return state
 
-    def _maps(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._hr is None or self._lr is None:
+    def _hr_map(self) -> np.ndarray:
+        if self._hr is None:
             self._hr = np.load(self.folder / "hr.npy", mmap_mode="r")
-            self._lr = np.load(self.folder / "lr.npy", mmap_mode="r")
-        return self._hr, self._lr
+        return self._hr
 
     def modalities(self) -> list[str]:
         return sorted({p["modality"] for p in self.pairs})
 
-    def hr(self, i: int) -> np.ndarray:
+    def hr_view(self, i: int) -> np.ndarray:
+        """Image ``i`` as a read-only memory-mapped ``(1, H, W)`` view: slicing it reads only that part."""
         p = self.pairs[i]
         h, w = p["hr_shape"]
-        return np.asarray(self._maps()[0][p["hr_offset"]:p["hr_offset"] + h * w]).reshape(1, h, w)
+        return self._hr_map()[p["hr_offset"]:p["hr_offset"] + h * w].reshape(1, h, w)
+
+    def hr(self, i: int) -> np.ndarray:
+        return np.asarray(self.hr_view(i))
+
+
+class PairSet(TileSet):
+    """Read-only view of a pair set: a tile set with an LR image per HR image."""
+
+    def _maps(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._lr is None:
+            self._lr = np.load(self.folder / "lr.npy", mmap_mode="r")
+        return self._hr_map(), self._lr
 
     def lr(self, i: int) -> np.ndarray:
         p = self.pairs[i]

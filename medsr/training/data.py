@@ -1,10 +1,13 @@
-"""Training batches: random aligned LR/HR patches from memory-mapped pair sets.
+"""Training batches: random aligned LR/HR patches, degraded as they are drawn from the
+memory-mapped training tiles (``<pairs_root>/train/hr``; :func:`medsr.data.pairing.degrade_training_patch`).
 
-Each batch is drawn with its own generator seeded from ``(seed, step)``, so the data of step
-``k`` is the same whatever the number of DataLoader workers and whether the run was resumed:
-a killed-and-resumed run sees exactly the batches of an uninterrupted one. Worker ``w`` of
-``W`` builds the batches of steps ``w, w + W, ...`` of the run; the DataLoader returns them in
-step order.
+Each batch's choices (tiles, positions, kinds, augmentation) come from a generator seeded from
+``(seed, step)``, and each patch's degradation from ``rng_for(seed, tile id, step, sample)``, so
+the data of step ``k`` is the same whatever the number of DataLoader workers and whether the run
+was resumed: a killed-and-resumed run sees exactly the batches of an uninterrupted one. Worker
+``w`` of ``W`` builds the batches of steps ``w, w + W, ...`` of the run; the DataLoader returns
+them in step order. Only HR tiles are stored: a patch costs its crop's degradation (the tile's
+margin included), a fraction of a millisecond to a few, beside a step of tens to hundreds.
 
 A batch is ``{"lr": (B, 1, p, p), "hr": (B, 1, p*s, p*s), "step": k, "scale": s,
 "blind_fraction": f}``. One batch has one scale (the BrainSR curriculum changes it between
@@ -27,14 +30,20 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from medsr.data.pairs import PairSet
-from medsr.degradations import degrade_bicubic
+from medsr.data.pairing import TRAIN_TILES, degrade_training_patch, patch_unit
+from medsr.data.pairs import TileSet
+from medsr.degradations import degrade_bicubic, rng_for
 from medsr.models.architectures import Curriculum
 
 
 def pair_set_path(pairs_root: str | Path, split: str, scale: int, kind: str) -> Path:
     """``<pairs_root>/<split>/x<scale>/<kind>``, the layout the degrade stage writes."""
     return Path(pairs_root) / split / f"x{scale}" / kind
+
+
+def tile_set_path(pairs_root: str | Path) -> Path:
+    """``<pairs_root>/train/hr``: the training tiles every training kind is degraded from."""
+    return Path(pairs_root) / "train" / TRAIN_TILES
 
 
 EVALUATION_TRACKS: tuple[str, ...] = ("clean", "realistic")
@@ -99,23 +108,29 @@ class PatchBatches(IterableDataset):
             wanted = [(target_scale, kind)]
         else:
             wanted = [(s, k) for s in sorted({2, target_scale}) for k in ("standard", "blind")]
-        self.sources: dict[tuple[int, str], PairSet] = {}
-        for scale, pair_kind in wanted:
-            pairs = PairSet(pair_set_path(pairs_root, "train", scale, pair_kind))
-            if len(pairs) == 0:
-                raise ValueError(f"{pairs.folder}: pair set is empty; nothing to train on")
-            if pairs.scale != scale:
-                raise ValueError(f"{pairs.folder}: index says scale {pairs.scale}, folder says x{scale}")
-            self.sources[(scale, pair_kind)] = pairs
-        # One patch side for every batch, so patches stack: images smaller than the patch are left
-        # out (a 64-px MRI frame's VLR at x4 is 4 px); only if a set has none large enough does the
-        # patch shrink to fit every image.
+        self.tiles = TileSet(tile_set_path(pairs_root))
+        if len(self.tiles) == 0:
+            raise ValueError(f"{self.tiles.folder}: tile set is empty; nothing to train on")
+        self.recipe: dict[str, Any] = self.tiles.attrs.get("recipe") or {}
+        if not self.recipe:
+            raise ValueError(f"{self.tiles.folder}: no training recipe in its index; rerun `dvc repro degrade`")
+        # One patch side for every batch, so patches stack: tiles smaller than the patch are left
+        # out (a 64-px MRI frame's VLR at x4 is 4 px); only if a kind has none large enough does the
+        # patch shrink to fit every tile.
         self.lr_patch = lr_patch
-        self.eligible = {key: [i for i, p in enumerate(pairs.pairs) if min(p["lr_shape"]) >= lr_patch]
-                         for key, pairs in self.sources.items()}
+        self.eligible = {key: [i for i, p in enumerate(self.tiles.pairs) if min(self._grid(p, *key)) >= lr_patch]
+                         for key in wanted}
         if not all(self.eligible.values()):
-            self.lr_patch = min(lr_patch, min(min(p["lr_shape"]) for pairs in self.sources.values() for p in pairs.pairs))
-            self.eligible = {key: list(range(len(pairs))) for key, pairs in self.sources.items()}
+            self.lr_patch = min(lr_patch, min(min(self._grid(p, *key)) for key in wanted for p in self.tiles.pairs))
+            self.eligible = {key: list(range(len(self.tiles))) for key in wanted}
+        if self.lr_patch < 1:
+            raise ValueError(f"{self.tiles.folder}: a tile is smaller than one input pixel at {wanted}")
+
+    @staticmethod
+    def _grid(tile: dict[str, Any], scale: int, kind: str) -> tuple[int, int]:
+        """The tile's size in input pixels of ``kind`` at ``scale`` (LR; VLR for ssl)."""
+        unit = patch_unit(kind, scale)
+        return tile["hr_shape"][0] // unit, tile["hr_shape"][1] // unit
 
     def plan(self, step: int) -> StepPlan:
         """Scale and blind-pair probability of ``step`` (1-based)."""
@@ -152,8 +167,16 @@ class PatchBatches(IterableDataset):
             blind = mixing and rng.random() < plan.blind_probability
             kind = "blind" if blind else ("standard" if mixing else self.kind)
             blind_count += kind == "blind"
-            pairs, eligible = self.sources[(plan.scale, kind)], self.eligible[(plan.scale, kind)]
-            lr, hr = pairs.patch(eligible[int(rng.integers(len(eligible)))], self.lr_patch, rng)
+            eligible = self.eligible[(plan.scale, kind)]
+            index = eligible[int(rng.integers(len(eligible)))]
+            tile = self.tiles.pairs[index]
+            rows, cols = self._grid(tile, plan.scale, kind)
+            y, x = int(rng.integers(0, rows - self.lr_patch + 1)), int(rng.integers(0, cols - self.lr_patch + 1))
+            # Its own generator per (seed, tile, step, sample): a patch's noise does not depend on
+            # what the worker drew before it, so any number of workers gives the same bytes.
+            lr, hr = degrade_training_patch(self.tiles.hr_view(index), kind, plan.scale, y, x, self.lr_patch,
+                                            modality=tile["modality"], recipe=self.recipe,
+                                            rng=rng_for(self.seed, tile["id"], step, len(lr_batch)))
             if clean[len(lr_batch)]:
                 lr = degrade_bicubic(np.ascontiguousarray(hr), plan.scale)  # the clean track's operator, on the patch
             if self.augment:

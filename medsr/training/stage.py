@@ -28,6 +28,7 @@ from medsr.atomic import write_json
 from medsr.params import section
 from medsr.provenance import REPO_ROOT, import_closure, module_file, source_digest
 from medsr.stage_entry import METRICS_DIR, StageFailed
+from medsr.training.data import tile_set_path
 
 log = logging.getLogger(__name__)
 
@@ -48,36 +49,39 @@ def config_digest(config: Any) -> str:
 
 
 def pair_sets_read(pairs_root: str | Path, scale: int) -> list[Path]:
-    """The pair sets a run at ``scale`` may read: every training set at x2 and at ``scale`` (the
-    BrainSR curriculum starts at x2; blind models mix in standard pairs) and every validation set
-    (kind or evaluation track) at ``scale``. A superset of what one model reads, so that a new
-    kind or track cannot slip past the digest."""
+    """The sets a run at ``scale`` may read: the training tiles (every kind and scale is degraded
+    from them, with the recipe their index holds) and every validation set at ``scale``. A superset
+    of what one model reads, so that a new track cannot slip past the digest."""
     root = Path(pairs_root)
-    homes = [root / "train" / f"x{s}" for s in sorted({2, int(scale)})] + [root / "val" / f"x{int(scale)}"]
-    return sorted(folder for home in homes if home.is_dir() for folder in home.iterdir() if folder.is_dir())
+    home = root / "val" / f"x{int(scale)}"
+    validation = sorted(folder for folder in home.iterdir() if folder.is_dir()) if home.is_dir() else []
+    tiles = tile_set_path(root)
+    return ([tiles] if tiles.is_dir() else []) + validation
 
 
 def data_version(pairs_root: str | Path, scale: int) -> str:
     """The version of the pair sets a run at ``scale`` reads, from ``dvc.lock`` when DVC vouches for it.
 
-    * Run by ``dvc repro`` (DVC sets ``DVC_STAGE`` for a stage's command): DVC has just checked
-      ``data/pairs`` against ``dvc.lock`` (or rerun degrade and recorded the new hash) before it
-      started this stage, so the lock's hash is the data's: ``dvc:<md5>``, read in milliseconds.
-      It covers every split and scale, a superset of what this run reads.
-    * Anywhere else (a script, a test, a folder other than degrade's output, pairs rewritten since
-      the last ``dvc repro``), the lock may be stale, so the pair sets :func:`pair_sets_read` names
-      are hashed, file names and bytes (16 hex of sha256): the pixel arrays too, since a
-      degradation change (blur, noise) keeps every id, offset and shape of ``index.json``.
-
-    The two forms never match each other: a run started under DVC and resumed outside it (or the
-    reverse) starts again at step 0 rather than trust a version it cannot check.
+    * ``dvc:<md5>``, degrade's output hash in ``dvc.lock``, read in milliseconds, when
+      - the run is a ``dvc repro`` stage (DVC sets ``DVC_STAGE``): DVC has just checked
+        ``data/pairs`` against the lock (or rerun degrade and recorded the new hash), or
+      - outside DVC, ``data/pairs`` is still the cache's checkout of that hash, told by ``stat``
+        (:func:`medsr.tracking.is_cache_checkout`: every file on its cache object's inode), so a run
+        killed outside DVC and resumed by ``dvc repro`` (or the reverse) keeps its version.
+      The hash covers every split and scale, a superset of what this run reads.
+    * Otherwise (a folder other than degrade's output, pairs rewritten or copied since the last
+      ``dvc repro``, no lock) the sets :func:`pair_sets_read` names are hashed, file names and
+      bytes (16 hex of sha256): the pixel arrays too, since a degradation change keeps every id,
+      offset and shape of ``index.json``. This form never matches the other: a run whose version
+      changed form starts again at step 0 rather than trust what it cannot check.
     """
-    if os.environ.get("DVC_STAGE"):
-        from medsr.tracking import locked_hash
+    from medsr.tracking import is_cache_checkout, locked_hash
 
-        locked = locked_hash(Path(pairs_root), "degrade", Path(os.environ.get("DVC_ROOT", ".")) / "dvc.lock")
-        if locked is not None:
-            return locked
+    dvc_root = Path(os.environ.get("DVC_ROOT", "."))
+    locked = locked_hash(Path(pairs_root), "degrade", dvc_root / "dvc.lock")
+    if locked is not None and (os.environ.get("DVC_STAGE")
+                               or is_cache_checkout(dvc_root / pairs_root, locked, dvc_root / ".dvc" / "cache")):
+        return locked
     root = Path(pairs_root)
     digest = hashlib.sha256()
     for folder in pair_sets_read(root, scale):

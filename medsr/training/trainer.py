@@ -1,7 +1,8 @@
 """One training loop for every MedSR generator, plain or adversarial.
 
-* Data: random patches of ``train/x<scale>/<kind>`` pairs (kind from the model spec:
-  standard, blind or ssl) through a DataLoader; BrainSR follows its curriculum (x2 pairs first,
+* Data: random patches of the training tiles (``train/hr``), degraded as they are drawn into
+  pairs of the model spec's kind (standard, blind or ssl), through a DataLoader
+  (:mod:`medsr.training.data`); BrainSR follows its curriculum (x2 pairs first,
   then the target scale; standard pairs mixed with blind ones as the degradation strength
   grows). Validation scores whole images of both evaluation tracks at the target scale,
   ``val/x<scale>/clean`` and ``val/x<scale>/realistic`` (``val/.../standard`` alone for a pair
