@@ -42,6 +42,7 @@ test-fast: venv
 
 bench: venv
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_scale.py  # the data stages at NIH size: 200-800 synthetic 1024^2 PNGs (~15 min)
 	$(PY) benchmarks/bench_models.py
 	$(PY) benchmarks/bench_serving.py
 	$(PY) benchmarks/bench_inference_paths.py
