@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from medsr.data.pairs import PairSet
-from medsr.degradations import degrade_bicubic
+from medsr.degradations import TRACKS, degrade_bicubic
 from medsr.models.architectures import Curriculum
 
 
@@ -37,7 +37,6 @@ def pair_set_path(pairs_root: str | Path, split: str, scale: int, kind: str) -> 
     return Path(pairs_root) / split / f"x{scale}" / kind
 
 
-EVALUATION_TRACKS: tuple[str, ...] = ("clean", "realistic")
 FIDELITY_TRACK = "clean"  # the track whose PSNR must beat bicubic's for an adversarial checkpoint
 
 
@@ -45,7 +44,7 @@ def validation_tracks(pairs_root: str | Path, scale: int, split: str = "val") ->
     """The evaluation tracks of ``split``: ``clean`` (antialiased bicubic only) and ``realistic``
     (blur + modality noise) when the degrade stage wrote both, else ``standard`` alone (a pair
     root from before the tracks existed)."""
-    tracks = {track: pair_set_path(pairs_root, split, scale, track) for track in EVALUATION_TRACKS}
+    tracks = {track: pair_set_path(pairs_root, split, scale, track) for track in TRACKS}
     if all((folder / "index.json").is_file() for folder in tracks.values()):
         return tracks
     return {"standard": pair_set_path(pairs_root, split, scale, "standard")}
