@@ -102,7 +102,8 @@ def pairs_root_for(scratch: Path) -> tuple[Path, str]:
 
 def score(generator: torch.nn.Module, tracks: dict[str, Any], max_images: int | None = None) -> dict[str, Any]:
     """PSNR, SSIM, MS-GMSD per track (``max_images``: an evenly spaced subset per track)."""
-    from medsr.training.trainer import predict_image, score_track
+    from medsr.inference import predict_image
+    from medsr.training.trainer import score_track
 
     out = {}
     for track, pairs in tracks.items():
@@ -152,7 +153,7 @@ def main() -> None:
     from medsr.params import load_params
     from medsr.perceptual import PERCEPTUAL_METRIC
     from medsr.training import TrainConfig, load_generator, train_generator
-    from medsr.training.trainer import predict_image
+    from medsr.inference import predict_image
 
     # One intra-op thread: on a shared 2-core machine a second thread spin-waits more than it computes.
     torch.set_num_threads(1)

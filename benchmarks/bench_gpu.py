@@ -88,11 +88,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from medsr.models import build_generator, model_names, model_spec
     from medsr.params import load_params
     from medsr.perceptual import PERCEPTUAL_METRIC
-    from medsr.training import TrainConfig, load_generator, resolve_device, train_generator
+    from medsr.inference import pick_device
+    from medsr.training import TrainConfig, load_generator, train_generator
 
     if args.models is None:
         args.models = [name for name in model_names(trained=True) if model_spec(name).adversarial]
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     budget_s = 60.0 * args.minutes
     hard_limit_s = 1.5 * budget_s
     # Stated up front: training budget + calibration + scoring, so a caller can size its timeout.

@@ -84,7 +84,7 @@ def published(name: str, scale: int, weights: Path):
 
 def experiments(scale: int, weights: Path) -> list[dict]:
     from medsr.finetune import all_row_gains, fine_tune_cached, score_predictors, with_weights
-    from medsr.training.trainer import predict_image
+    from medsr.inference import predict_image
 
     start = published("rlfn", scale, weights)
     results_path = CACHE / f"x{scale}" / "experiments.json"

@@ -28,7 +28,7 @@ def main() -> None:
     from medsr.models import build_generator
     from medsr.params import load_params
     from medsr.training.checkpoint import load_generator
-    from medsr.training.trainer import predict_image
+    from medsr.inference import predict_image
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=int, nargs="+", default=[2, 4])

@@ -1,6 +1,6 @@
 """Benchmark: every trained model against bicubic on the test split's whole images.
 
-One definition of the scores (README, "Metrics"): 1-channel, data range 1.0, a border of
+One definition of the scores (docs/metrics-and-consistency.md): 1-channel, data range 1.0, a border of
 ``scale`` pixels cropped, the mean of per-image scores; SSIM with an 11-tap Gaussian window,
 sigma 1.5 (scikit-image, as Wang et al.). Besides quality it reports parameters,
 multiply-accumulates per output megapixel and CPU latency for a 256x256 input.
@@ -21,18 +21,19 @@ import torch
 from torch import nn
 
 from medsr.atomic import atomic_path, write_json
-from medsr.consistency import ConsistencySettings, refine
-from medsr.data.pairing import EVAL_SPLITS, TRACKS
+from medsr.consistency import ConsistencySettings
+from medsr.data.pairing import EVAL_SPLITS
 from medsr.data.pairs import PairSet
 from medsr.data.split import file_label
+from medsr.degradations import TRACKS
 from medsr.evaluation import HeldOutImage, evaluate_images, summarize
+from medsr.inference import Upscaler
 from medsr.models import build_generator, count_parameters
 from medsr.params import section
 from medsr.pipeline import METRICS_DIR, PAIRS_DIR, SPLIT_DIR
 from medsr.pretrained import PRETRAINED_ROOT, checkpoint_inits, load_published
 from medsr.training.checkpoint import checkpoint_info, load_generator
 from medsr.training.stage import MODELS_DIR
-from medsr.training.trainer import predict_image
 
 RAW_SUFFIX = ":raw"  # the network's output before the consistency step, in the ablation rows
 # The zero-parameter baseline a user gets for free: bicubic, then the same consistency step the models get.
@@ -111,13 +112,16 @@ def held_out_images(pairs_root: Path, split: str, scale: int, track: str, source
 
 def model_outputs(generator: nn.Module, name: str, scale: int, consistency: ConsistencySettings,
                   device: str = "cpu") -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """LR -> {name: the served output, name + RAW_SUFFIX: the network alone} (one forward for both)."""
+    """LR -> {name: the served output, name + RAW_SUFFIX: the network alone} (one forward for both).
+
+    The :class:`medsr.inference.Upscaler` the service builds, on whole images."""
+    upscaler = Upscaler(generator, scale, consistency=consistency, device=device)
 
     def outputs(lr: np.ndarray) -> dict[str, np.ndarray]:
-        raw = predict_image(generator, lr, device)
+        upscaled = upscaler(lr, score=False)
         if not consistency.enabled:
-            return {name: raw}
-        return {name: refine(raw, lr, scale, consistency), name + RAW_SUFFIX: raw}
+            return {name: upscaled.output}
+        return {name: upscaled.output, name + RAW_SUFFIX: upscaled.raw}
 
     return outputs
 
@@ -125,11 +129,11 @@ def model_outputs(generator: nn.Module, name: str, scale: int, consistency: Cons
 def baseline_outputs(scale: int, consistency: ConsistencySettings,
                      device: str = "cpu") -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """LR -> {bicubic, bicubic+consistency}: the two baselines (one bicubic upsampling for both)."""
-    bicubic = build_generator("bicubic", scale)
+    upscaler = Upscaler(build_generator("bicubic", scale), scale, consistency=consistency, device=device)
 
     def outputs(lr: np.ndarray) -> dict[str, np.ndarray]:
-        up = predict_image(bicubic, lr, device)
-        return {"bicubic": up, CONSISTENCY_BASELINE: refine(up, lr, scale, consistency)}
+        upscaled = upscaler(lr, score=False)
+        return {"bicubic": upscaled.raw, CONSISTENCY_BASELINE: upscaled.output}
 
     return outputs
 
@@ -296,10 +300,8 @@ def sample_crops(models: Sequence[str], scale: int, pairs_root: Path, models_roo
         window = (slice(y0, y0 + crop), slice(x0, x0 + crop))
         panels = {"LR": np.kron(lr[0], np.ones((scale, scale), np.float32))[window], "HR": hr[0][window]}
         for name, generator in generators.items():
-            sr = predict_image(generator, lr)
-            if name != "bicubic":
-                sr = refine(sr, lr, scale, consistency)
-            panels[name] = sr[0][window]
+            upscaler = Upscaler(generator, scale, consistency=consistency if name != "bicubic" else ConsistencySettings())
+            panels[name] = upscaler(lr, score=False).output[0][window]
         for col, name in enumerate(columns):
             ax = axes[row, col]
             ax.imshow(panels[name], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -353,12 +355,12 @@ def score_generator(generator: nn.Module, scale: int, pairs_root: Path, *, split
                     tracks: Sequence[str] = TRACKS, consistency: ConsistencySettings = ConsistencySettings(),
                     device: str = "cpu") -> list[dict[str, Any]]:
     """One generator's rows (as in ``results``, bicubic's numbers beside) on ``split``: the registry's re-evaluation."""
-    baseline = build_generator("bicubic", scale)
+    baseline = Upscaler(build_generator("bicubic", scale), scale, device=device)
     outputs = model_outputs(generator, "candidate", scale, consistency, device)
     records: list[dict[str, Any]] = []
     for track in tracks:
         images = held_out_images(pairs_root, split, scale, track, {})
-        records += evaluate_images(lambda lr: {"bicubic": predict_image(baseline, lr, device),
+        records += evaluate_images(lambda lr: {"bicubic": baseline.network(lr),
                                                **{k: v for k, v in outputs(lr).items() if k == "candidate"}},
                                    images, scale)
     return [row for row in summarize(records) if row["model"] == "candidate"]

@@ -164,13 +164,7 @@ def package(
     bentofile: str = typer.Option("bentofile.yaml", help="BentoML build file, relative to the repository root."),
 ) -> None:
     """Build a Bento of the serving service carrying the registry's champion generators."""
-    import sys
-
-    from medsr.inference import ModelNotFoundError
-
-    # `serving/` is the Bento's source tree, not part of the installed medsr package: the command
-    # runs from the repository root (the build context), so import it from there.
-    sys.path.insert(0, str(Path(".").resolve()))
+    from medsr.tracking import ModelNotFoundError
     from serving.packaging import package_bento
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -217,33 +211,13 @@ def evaluate(
         fail(f"cannot load {model}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
     for line in report["skipped"]:
         err_console.print(f"skipped {line}", soft_wrap=True, highlight=False)
-    print_evaluation(report)
+    from medsr.reporting import evaluation_tables
+
+    for table in evaluation_tables(report):
+        console.print(table)
     if json_out is not None:
         write_json(json_out, report)
         console.print(f"evaluate: written {json_out}")
-
-
-def print_evaluation(report: dict[str, Any]) -> None:
-    """The per-image table and the per-track, per-modality means of an :func:`evaluate_folder` report."""
-    tracks = report["tracks"]
-    per_image = report["per_image"]
-    table = Table(title=f"{report['model']} x{report['scale']} vs bicubic, per image: PSNR dB / SSIM")
-    for column in ("image", "modality", *[f"{t} model" for t in tracks], *[f"{t} bicubic" for t in tracks], "gain dB"):
-        table.add_column(column, justify="left" if column in ("image", "modality") else "right")
-    for key in dict.fromkeys(r["image"] for r in per_image):
-        cells = {r["track"]: r for r in per_image if r["image"] == key}
-        first = next(iter(cells.values()))
-        table.add_row(key, first["modality"], *[f"{cells[t]['psnr']:.2f} / {cells[t]['ssim']:.3f}" for t in tracks],
-                      *[f"{cells[t]['bicubic_psnr']:.2f} / {cells[t]['bicubic_ssim']:.3f}" for t in tracks],
-                      " ".join(f"{cells[t]['gain_db']:+.2f}" for t in tracks))
-    console.print(table)
-    summary_table = Table(title="Mean per track and modality (n = images / files)")
-    for column in ("track", "modality", "n", "PSNR", "bicubic", "gain dB", "SSIM gain"):
-        summary_table.add_column(column, justify="left" if column in ("track", "modality") else "right")
-    for r in report["summary"]:
-        summary_table.add_row(r["track"], r["modality"], f"{r['images']} / {r['files']}", f"{r['psnr']:.2f}",
-                              f"{r['bicubic_psnr']:.2f}", f"{r['gain_db']:+.3f}", f"{r['ssim_gain']:+.4f}")
-    console.print(summary_table)
 
 
 def _read_metrics(name: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ A network can only add detail; it can also invent or remove it. Iterative back-p
 (Irani & Peleg 1991; the consistency-enforcing idea of Bahat & Michaeli 2020) corrects the
 output until downsampling it gives back the input: ``x <- x + U(lr - D(x))``, with ``D`` the
 antialiased bicubic downsampling (optionally after a Gaussian blur) and ``U`` plain bicubic
-upsampling, the operators of :mod:`medsr.degradations` in torch. On a clean input this lifts
+upsampling, the operators of :mod:`medsr.ops` (the pairs' own). On a clean input this lifts
 an over-smoothing model above bicubic by construction; on a noisy input the same step copies
 the noise back in, so its strength follows the input's noise level: ``w = 1 / (1 + (sigma /
 noise_threshold)^noise_exponent)`` with ``sigma`` a robust wavelet (MAD) estimate of the LR noise
@@ -32,8 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from medsr.data import check_contract
+from medsr.metrics import psnr
+from medsr.ops import bicubic_downsample, bicubic_upsample, bicubic_upsample_fast, gaussian_blur_torch
 
-__all__ = ["ConsistencySettings", "consistency_strength", "estimate_noise_sigma", "project_to_input", "refine"]
+__all__ = ["ConsistencySettings", "consistency_psnr", "consistency_strength", "degrade_operator", "estimate_noise_sigma",
+           "project_to_input", "refine", "reproject"]
 
 
 @dataclass(frozen=True)
@@ -110,18 +113,11 @@ def consistency_strength(noise_sigma: float, noise_threshold: float, noise_expon
     return 1.0 / (1.0 + (noise_sigma / noise_threshold) ** noise_exponent)
 
 
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma <= 0:
-        return x
-    radius = max(1, int(math.ceil(4 * sigma)))
-    taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    # reflect as for the data; an image no wider than the kernel's radius cannot be reflected (torch refuses)
-    mode = "reflect" if min(x.shape[-2:]) > radius else "replicate"
-    padded = F.pad(x, (radius, radius, radius, radius), mode=mode)
-    out = F.conv2d(padded, kernel.view(1, 1, 1, -1))
-    return F.conv2d(out, kernel.view(1, 1, -1, 1))
+def degrade_operator(x: torch.Tensor, scale: int, blur_sigma: float) -> torch.Tensor:
+    """``D``: the Gaussian blur of ``blur_sigma`` HR px, then antialiased bicubic down by ``scale``
+    (the degradation of :func:`medsr.degradations.degrade_standard` without its noise), on an
+    ``(N, C, H, W)`` tensor. The back-projection and the consistency score both use it."""
+    return bicubic_downsample(gaussian_blur_torch(x, blur_sigma), int(scale))
 
 
 @lru_cache(maxsize=16)
@@ -134,9 +130,7 @@ def _lr_operator_kernel(scale: int, blur_sigma: float, size: int = 33) -> torch.
     """
     delta = torch.zeros(1, 1, size, size, dtype=torch.float64)
     delta[..., size // 2, size // 2] = 1.0
-    up = F.interpolate(delta, scale_factor=float(scale), mode="bicubic", align_corners=False)
-    response = F.interpolate(_blur(up, blur_sigma), size=(size, size), mode="bicubic", align_corners=False,
-                             antialias=True)[0, 0]
+    response = degrade_operator(bicubic_upsample(delta, scale), scale, blur_sigma)[0, 0]
     centre = size // 2
     radius = centre
     while radius > 1 and float(response.abs().sum() - response[centre - radius + 1:centre + radius,
@@ -144,73 +138,6 @@ def _lr_operator_kernel(scale: int, blur_sigma: float, size: int = 33) -> torch.
         radius -= 1  # drop rings that carry nothing
     kernel = response[centre - radius:centre + radius + 1, centre - radius:centre + radius + 1]
     return kernel.to(torch.float32)[None, None]
-
-
-_CUBIC_A = -0.75  # torch's (and OpenCV's) bicubic convolution constant
-
-
-@lru_cache(maxsize=8)
-def _bicubic_phases(scale: int) -> tuple[tuple[int, tuple[float, ...]], ...]:
-    """Per output phase ``p`` of an integer-``scale`` bicubic upsampling (``align_corners=False``):
-    the offset of its first input tap and its four weights (Keys' cubic convolution, a = -0.75)."""
-
-    def near(x: float) -> float:  # |x| <= 1
-        return ((_CUBIC_A + 2) * x - (_CUBIC_A + 3)) * x * x + 1
-
-    def far(x: float) -> float:  # 1 < |x| < 2
-        return ((_CUBIC_A * x - 5 * _CUBIC_A) * x + 8 * _CUBIC_A) * x - 4 * _CUBIC_A
-
-    phases = []
-    for phase in range(scale):
-        source = (phase + 0.5) / scale - 0.5
-        first = math.floor(source)
-        t = source - first
-        phases.append((first - 1, (far(t + 1), near(t), near(1 - t), far(2 - t))))
-    return tuple(phases)
-
-
-def _bicubic_upsample(image: np.ndarray, scale: int) -> np.ndarray:
-    """``F.interpolate(mode="bicubic", align_corners=False, scale_factor=scale)`` of a 2-D float32
-    array (edges replicated, as torch clamps), up to float32 rounding.
-
-    Written here because every output phase of an integer scale is a fixed 4-tap filter: as
-    shifted sums it takes ~3 ms for 256^2 -> 1024^2 where torch's kernel takes ~9 ms (one thread),
-    once per served request. Powers of two only: torch maps coordinates with the float32 ``1 /
-    scale``, which is exact for them; other scales go through torch.
-    """
-    scale = int(scale)
-    if scale & (scale - 1):
-        upsampled = F.interpolate(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None],
-                                  scale_factor=float(scale), mode="bicubic", align_corners=False)
-        return upsampled[0, 0].numpy()
-    height, width = image.shape
-    phases = _bicubic_phases(scale)
-    pad = max(max(-first for first, _ in phases), max(first + 3 for first, _ in phases), 0)
-    padded = np.pad(np.asarray(image, dtype=np.float32), pad, mode="edge")
-    rows = np.empty((height + 2 * pad, width, scale), dtype=np.float32)
-    _phase_sums(padded, 1, width, phases, pad, [rows[:, :, phase] for phase in range(scale)])  # along W
-    rows = rows.reshape(height + 2 * pad, width * scale)
-    out = np.empty((height, scale, width * scale), dtype=np.float32)
-    _phase_sums(rows, 0, height, phases, pad, [out[:, phase] for phase in range(scale)])  # along H
-    return out.reshape(height * scale, width * scale)
-
-
-def _phase_sums(padded: np.ndarray, axis: int, length: int, phases: tuple[tuple[int, tuple[float, ...]], ...],
-                pad: int, outputs: list[np.ndarray]) -> None:
-    """Write each phase's weighted sum of its 4 taps (``length`` outputs along ``axis`` of
-    ``padded``) into that phase's view in ``outputs``."""
-
-    def shifted(start: int) -> np.ndarray:
-        window = [slice(None), slice(None)]
-        window[axis] = slice(start, start + length)
-        return padded[tuple(window)]
-
-    for (first, weights), output in zip(phases, outputs, strict=True):
-        start = pad + first
-        acc = shifted(start) * np.float32(weights[0])
-        for tap in range(1, 4):
-            acc += shifted(start + tap) * np.float32(weights[tap])
-        output[...] = acc
 
 
 def project_to_input(sr: np.ndarray, lr: np.ndarray, scale: int, *, steps: int, blur_sigma: float = 0.0) -> np.ndarray:
@@ -230,8 +157,7 @@ def project_to_input(sr: np.ndarray, lr: np.ndarray, scale: int, *, steps: int, 
         # Copies: the inputs may be read-only memory maps, and torch must not alias them.
         x = torch.from_numpy(np.array(sr, dtype=np.float32))[None]
         target = torch.from_numpy(np.array(lr, dtype=np.float32))[None]
-        residual = target - F.interpolate(_blur(x, blur_sigma), size=target.shape[-2:], mode="bicubic",
-                                          align_corners=False, antialias=True)
+        residual = target - degrade_operator(x, scale, blur_sigma)
         kernel = _lr_operator_kernel(int(scale), float(blur_sigma))
         pad = kernel.shape[-1] // 2
         mode = "reflect" if min(target.shape[-2:]) > pad else "replicate"
@@ -240,7 +166,7 @@ def project_to_input(sr: np.ndarray, lr: np.ndarray, scale: int, *, steps: int, 
             residual = residual - F.conv2d(F.pad(residual, (pad, pad, pad, pad), mode=mode), kernel)
             total += residual
     # x + U(total), written into U's buffer: the one HR-size array this allocates.
-    out = _bicubic_upsample(total[0, 0].numpy(), int(scale))
+    out = bicubic_upsample_fast(total[0, 0].numpy(), int(scale))
     out += x[0, 0].numpy()
     return np.clip(out, 0.0, 1.0, out=out)[None]
 
@@ -262,3 +188,30 @@ def refine(sr: np.ndarray, lr: np.ndarray, scale: int, settings: ConsistencySett
     projected *= np.float32(weight)
     projected += sr
     return np.clip(projected, 0.0, 1.0, out=projected)
+
+
+CONSISTENCY_BORDER = 1
+"""LR pixels cropped on every side before the consistency PSNR (padding-dependent pixels)."""
+
+
+def reproject(sr: np.ndarray, scale: int, blur_sigma: float) -> np.ndarray:
+    """``D(sr)`` (:func:`degrade_operator`) of a contract image, clipped to the contract."""
+    with torch.no_grad():
+        tensor = torch.from_numpy(np.ascontiguousarray(sr, dtype=np.float32))[None]
+        down = degrade_operator(tensor, scale, blur_sigma)[0].numpy()
+    return np.clip(down, 0.0, 1.0, out=down)
+
+
+def consistency_psnr(sr: np.ndarray, lr: np.ndarray, scale: int, blur_sigma: float) -> float:
+    """PSNR (dB) of the re-degraded SR output against the LR input it was made from.
+
+    High (40 dB and more for a faithful model) when the output explains its input; low when
+    the model added or removed structure that the input does not support.
+
+    Raises:
+        ValueError: ``sr`` is not ``scale`` times ``lr``.
+    """
+    if sr.shape[1:] != (lr.shape[1] * scale, lr.shape[2] * scale):
+        raise ValueError(f"SR shape {sr.shape} is not {scale} x LR shape {lr.shape}")
+    border = CONSISTENCY_BORDER if min(lr.shape[1:]) > 2 * CONSISTENCY_BORDER else 0
+    return psnr(reproject(sr, scale, blur_sigma), lr, border=border)

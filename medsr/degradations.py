@@ -36,10 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 
+from medsr import ops
 from medsr.data import check_contract
 from medsr.scale import check_scale
 
@@ -71,6 +70,11 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+TRACKS: tuple[str, ...] = ("clean", "realistic")
+"""The evaluation tracks: ``clean`` is :func:`degrade_bicubic` alone, ``realistic`` is
+:func:`degrade_standard` at the fixed blur and the modality's noise (``params.yaml: degrade``)."""
 
 
 def rng_for(seed: int, *keys: str | int) -> np.random.Generator:
@@ -153,8 +157,7 @@ def resize_bicubic(img: np.ndarray, size: tuple[int, int], antialias: bool = Tru
     height, width = int(size[0]), int(size[1])
     with torch.no_grad():
         batch = torch.from_numpy(img).unsqueeze(0)  # (1, 1, H, W); interpolate does not write to it
-        resized = F.interpolate(batch, size=(height, width), mode="bicubic",
-                                align_corners=False, antialias=antialias)
+        resized = ops.bicubic_resize(batch, (height, width), antialias=antialias)
     return _clipped(resized[0].numpy())
 
 
@@ -181,8 +184,7 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     sigma = _check_level(sigma, "sigma")
     if sigma == 0.0:
         return img.copy()
-    # Zero sigma on the channel axis: blur within the image only.
-    return _clipped(ndimage.gaussian_filter(img, sigma=(0.0, sigma, sigma), mode="reflect"))
+    return _clipped(ops.gaussian_blur(img, sigma))
 
 
 # --------------------------------------------------------------------------- noise

@@ -110,9 +110,6 @@ def summarize(records: Sequence[Mapping[str, Any]], reference: str = REFERENCE) 
 # --------------------------------------------------------------------------- a user's own folder
 # `medsr evaluate`: HR files the project never saw, degraded here on both tracks, scored per image.
 
-MODALITY_OF_DICOM = {"CR": "xray", "DX": "xray", "MG": "xray", "CT": "ct", "MR": "mri"}
-
-
 def load_upscaler(spec: str, scale: int, *, registry_names: Mapping[int, str] | None = None,
                   device: str = "cpu") -> tuple[Any, str]:
     """A generator from ``spec``: ``models:/name@alias`` or ``models:/name/version`` (MLflow registry), a bare
@@ -151,7 +148,7 @@ def guess_modality(path: Any, requested: str | None) -> str:
     """``requested`` when given; else the folder name (xray/ct/mri) or the DICOM Modality tag."""
     from pathlib import Path
 
-    from medsr.data import MODALITIES
+    from medsr.data import MODALITIES, MODALITY_OF_DICOM
 
     if requested:
         if requested not in MODALITIES:
@@ -164,12 +161,13 @@ def guess_modality(path: Any, requested: str | None) -> str:
     try:
         import pydicom
 
-        tag = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", ""))
+        tag = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality", "")).upper()
         if tag in MODALITY_OF_DICOM:
             return MODALITY_OF_DICOM[tag]
     except Exception:  # not DICOM or unreadable: the loader says so later, with the file named
         pass
-    raise ValueError(f"{path.name}: cannot tell its modality (no xray/ct/mri folder, no DICOM Modality tag): "
+    raise ValueError(f"{path.name}: cannot tell its modality (no xray/ct/mri folder, no DICOM Modality of "
+                     f"{', '.join(sorted(MODALITY_OF_DICOM))}): "
                      "pass --modality xray|ct|mri")
 
 
@@ -231,7 +229,7 @@ def load_folder(folder: Any, scale: int, params: Mapping[str, Any], *,
     ValueError when nothing in the folder can be used."""
     degrade_params = params["degrade"]
     data = params.get("data") or {}
-    images, skipped = folder_images(folder, scale, list(degrade_params.get("tracks", ["clean", "realistic"])),
+    images, skipped = folder_images(folder, scale, list(degrade_params.get("tracks", deg.TRACKS)),
                                     degrade_params, modality=modality, tile_size=int(data.get("tile_size", 256)),
                                     max_pixels=int(data.get("max_pixels", 100_000_000)))
     if not images:
@@ -250,18 +248,17 @@ def evaluate_folder(folder: Any, generator: Any, scale: int, params: Mapping[str
     "per_image": one row per image and track, "skipped": lines}``. Raises ValueError when nothing
     in the folder can be used.
     """
-    from medsr.benchmark import model_outputs
     from medsr.consistency import ConsistencySettings
+    from medsr.inference import Upscaler
     from medsr.models import build_generator
-    from medsr.training.trainer import predict_image
 
-    tracks = list(params["degrade"].get("tracks", ["clean", "realistic"]))
+    tracks = list(params["degrade"].get("tracks", deg.TRACKS))
     settings = ConsistencySettings.from_params(params.get("consistency") if consistency else None)
     images, skipped = loaded if loaded is not None else load_folder(folder, scale, params, modality=modality)
-    baseline = build_generator("bicubic", scale)
-    outputs = model_outputs(generator, "model", scale, settings)
-    records = evaluate_images(lambda lr: {"bicubic": predict_image(baseline, lr), "model": outputs(lr)["model"]},
-                              images, scale)
+    baseline = Upscaler(build_generator("bicubic", scale), scale)
+    upscaler = Upscaler(generator, scale, consistency=settings)  # what the service returns, on whole images
+    records = evaluate_images(lambda lr: {"bicubic": baseline.network(lr),
+                                          "model": upscaler(lr, score=False).output}, images, scale)
     by_key = {(r["key"], r["track"], r["model"]): r for r in records}
     per_image = []
     for r in records:
@@ -290,14 +287,14 @@ def with_noisy_reference(images: Sequence[HeldOutImage], sigma: float, correlati
     (or, for MRI, far noisier than any training pair), so only this shows a model that removes
     every noise it sees, and a consistency weight that lets it (``benchmarks/probe_noisy_reference.py``).
     """
-    from scipy import ndimage
+    from medsr.ops import gaussian_blur
 
     probed = []
     for image in images:
         rng = deg.rng_for(seed, image.key, scale, "reference-noise")
         noise = rng.standard_normal(image.hr.shape)
         if correlation > 0:
-            noise = ndimage.gaussian_filter(noise, (0, correlation, correlation), mode="reflect")
+            noise = gaussian_blur(noise, correlation)
         hr = np.clip(image.hr + noise * (sigma / max(float(noise.std()), 1e-12)), 0.0, 1.0).astype(np.float32)
         lr = track_lr(hr, scale, image.track, modality=image.modality, key=image.key, degrade_params=degrade_params)
         probed.append(HeldOutImage(key=image.key, modality=image.modality, source=image.source, track=image.track,

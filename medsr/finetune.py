@@ -39,8 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medsr.consistency import consistency_strength, estimate_noise_sigma
+from medsr.degradations import TRACKS
+from medsr.inference import predict_image
+from medsr.ops import bicubic_downsample
 from medsr.training.data import PatchBatches
-from medsr.training.trainer import ema_update, predict_image
+from medsr.training.trainer import ema_update
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,7 @@ class FineTuneSettings:
 def clean_lr(hr: torch.Tensor, scale: int) -> torch.Tensor:
     """The clean track's LR of an HR batch: antialiased bicubic down by ``scale``, clipped to [0, 1]
     (:func:`medsr.degradations.degrade_bicubic`'s operator, batched)."""
-    size = (hr.shape[-2] // scale, hr.shape[-1] // scale)
-    return F.interpolate(hr, size=size, mode="bicubic", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    return bicubic_downsample(hr, scale).clamp_(0.0, 1.0)
 
 
 def l2sp_penalty(model: nn.Module, anchor: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -313,7 +315,7 @@ def pretrained_report(scales: Sequence[int], weights: Path, checks: list[dict[st
 
     consistency = consistency or ConsistencySettings(steps=5, noise_threshold=0.005, noise_exponent=8)
     benchmark = json.loads(benchmark_json.read_text())
-    tracks = ("clean", "realistic")
+    tracks = TRACKS
     rows: list[dict[str, Any]] = []
     choices: dict[str, Any] = {}
     experiments_out: list[dict[str, Any]] = []
@@ -416,7 +418,7 @@ def markdown_tables(report: Mapping[str, Any]) -> str:
                     cells.setdefault((r["architecture"], r["variant"]), {})[r["track"]] = r
             for (arch, variant), by_track in cells.items():
                 text = [f"{by_track[t]['gain_db']:+.2f} (n={by_track[t]['images']})" if t in by_track else "-"
-                        for t in ("clean", "realistic")]
+                        for t in TRACKS]
                 lines.append(f"| {split} | {arch} | {variant} | {text[0]} | {text[1]} |")
         lines.append("")
     lines += ["Validation experiments (RLFN fine-tuned on the `standard` pairs; `all` rows)", "",

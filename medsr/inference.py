@@ -1,9 +1,10 @@
-"""Inference with a trained generator: exact tiled upscaling, the consistency score, registry models.
+"""Inference with a generator: the :class:`Upscaler` (network, exact tiling, consistency step, score).
 
 Everything here works on contract images (:mod:`medsr.data`: float32 ``(1, H, W)`` in
-``[0, 1]``) and knows nothing of HTTP: reading uploads, mapping errors to statuses and packaging
-Bentos live in ``serving/``. The service, the benchmark and scripts call these functions, so a
-result is computed the same way wherever it is asked for.
+``[0, 1]``) and knows nothing of HTTP or MLflow: reading uploads, mapping errors to statuses and
+packaging Bentos live in ``serving/``, loading registered models in :mod:`medsr.tracking`. Trainer
+validation, the benchmark, ``medsr evaluate``, the registry's re-evaluation and every served
+endpoint build an :class:`Upscaler`, so a result is computed the same way wherever it is asked for.
 
 Tiled inference
     A large image is cut into tiles whose *cores* partition it; each tile is its core plus a
@@ -12,15 +13,11 @@ Tiled inference
     cores are kept, so tiled output equals whole-image output up to float rounding for every
     architecture, and memory is bounded by the tile size, not the image size.
 
-Consistency score
-    An SR result must agree with its own input: degrading the output with the training
-    operator (:func:`medsr.degradations.degrade_standard` without its noise: Gaussian blur of
-    ``degrade.blur_sigma``, then antialiased bicubic down) should give the input back. Its PSNR
-    against the input is reported with every result; a low score is a hallucination warning sign.
-
-Model sources
-    The generators come from the MLflow registry: the registered model of each scale is named in
-    ``params.yaml`` (``registry.model_names``), the alias served in ``serving.alias``.
+Consistency step and score
+    The network's output goes through the back-projection of :mod:`medsr.consistency` (when
+    ``consistency.steps`` > 0), and the result is scored by degrading it again and comparing with
+    the input (:func:`medsr.consistency.consistency_psnr`); a low score is a hallucination
+    warning sign. :class:`Upscaled` carries the output, the network's raw output and the score.
 """
 
 from __future__ import annotations
@@ -38,17 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsr.consistency import ConsistencySettings, consistency_psnr, refine
 from medsr.data import check_contract
-from medsr.degradations import degrade_bicubic
-from medsr.metrics import psnr
 
 logger = logging.getLogger(__name__)
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-
-
-class ModelNotFoundError(LookupError):
-    """No generator is registered for a scale, or the requested version does not exist."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,7 +98,8 @@ def timed_phase(timer: PhaseTimer | None, name: str) -> Iterator[None]:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """``auto``: CUDA when a GPU is visible, else CPU; ``cpu``/``cuda`` force one.
+    """The one device resolver (training, evaluation, serving): ``auto`` is CUDA when a GPU is
+    visible, else CPU; ``cpu``/``cuda``/``cuda:N`` force one.
 
     Raises:
         ValueError: an unknown name, or ``cuda`` on a machine without a usable GPU.
@@ -273,19 +266,42 @@ def choose_memory_format(model: torch.nn.Module, *, probe: int = 96, repeats: in
     return "contiguous"
 
 
-def forward(model: torch.nn.Module, batch: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
-    """Run the generator on an ``(N, 1, h, w)`` batch; returns ``(N, 1, h*s, w*s)`` float32 in [0, 1]."""
+def forward(model: torch.nn.Module, batch: np.ndarray, device: torch.device | str | None = None) -> np.ndarray:
+    """Run the generator in eval mode on an ``(N, 1, h, w)`` batch; returns ``(N, 1, h*s, w*s)``
+    float32 in [0, 1]. ``device``: where the model's parameters are when None. A model in
+    training mode is put back in it afterwards (trainer validation calls this mid-training)."""
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
-    with torch.inference_mode():
-        tensor = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
-        output = model(tensor)
-        # Eval-mode generators clamp already; the clamp guards a model that does not.
-        output = output.float().clamp_(0.0, 1.0)
+    array = np.ascontiguousarray(batch, dtype=np.float32)
+    if not array.flags.writeable:  # a read-only memory map: torch must not alias it
+        array = array.copy()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            output = model(torch.from_numpy(array).to(device))
+            # Eval-mode generators clamp already; the clamp guards a model that does not.
+            output = output.float().clamp_(0.0, 1.0)
+    finally:
+        model.train(was_training)
     return output.cpu().numpy()
 
 
+def predict_image(model: torch.nn.Module, lr: np.ndarray, device: torch.device | str | None = None) -> np.ndarray:
+    """The network alone on one whole contract image ``(1, h, w)`` -> ``(1, h*s, w*s)``.
+
+    Raises:
+        ValueError: ``lr`` is not one ``(1, h, w)`` image.
+    """
+    if lr.ndim != 3 or lr.shape[0] != 1:
+        raise ValueError(f"expected one image of shape (1, h, w), got {lr.shape}")
+    return forward(model, lr[None], device)[0]
+
+
 def upscale_image(model: torch.nn.Module, image: np.ndarray, scale: int, *, tiling: Tiling = Tiling(),
-                  device: torch.device | str = "cpu", timer: PhaseTimer | None = None) -> np.ndarray:
+                  device: torch.device | str | None = None, timer: PhaseTimer | None = None) -> np.ndarray:
     """Super-resolve one contract image by ``scale``, in tiles when it is large.
 
     Returns a contract image of shape ``(1, H*scale, W*scale)``, equal to the whole-image forward
@@ -332,116 +348,90 @@ def upscale_image(model: torch.nn.Module, image: np.ndarray, scale: int, *, tili
 
 
 # --------------------------------------------------------------------------------------------
-# Consistency score
+# The Upscaler
 # --------------------------------------------------------------------------------------------
 
-CONSISTENCY_BORDER = 1
-"""LR pixels cropped on every side before the consistency PSNR (padding-dependent pixels)."""
 
+@dataclass(frozen=True)
+class Upscaled:
+    """One upscaled image: ``output`` (what is served and scored), ``raw`` (the network alone; the
+    same array as ``output`` when the consistency step is off) and ``consistency_psnr`` of ``output``."""
 
-def _gaussian_blur_fast(image: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndarray:
-    """:func:`medsr.degradations.gaussian_blur` (scipy's ``gaussian_filter``, mode ``reflect``) as
-    weighted sums of shifted views: the same taps and border, equal up to float32 rounding (< 1e-6).
-
-    Written here because the degrade stage must keep scipy's bytes, while scipy takes ~18 ms on a
-    1024^2 result where this takes ~7 (scipy filters in float64), once per served request.
-    """
-    if sigma <= 0:
-        return image.copy()
-    radius = int(truncate * float(sigma) + 0.5)  # scipy's kernel size rule
-    taps = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-0.5 * (taps / float(sigma)) ** 2)
-    kernel = (kernel / kernel.sum()).astype(np.float32)
-    height, width = image.shape[1:]
-    # scipy's "reflect" repeats the edge sample (d c b a | a b c d): numpy's "symmetric".
-    padded = np.pad(image[0], radius, mode="symmetric")
-    rows = padded[:, :width] * kernel[0]
-    for tap in range(1, kernel.size):
-        rows += padded[:, tap:tap + width] * kernel[tap]
-    out = rows[:height] * kernel[0]
-    for tap in range(1, kernel.size):
-        out += rows[tap:tap + height] * kernel[tap]
-    return np.clip(out, 0.0, 1.0, out=out)[None]
-
-
-def reproject(sr: np.ndarray, scale: int, blur_sigma: float) -> np.ndarray:
-    """The training degradation without its noise: blur ``blur_sigma`` (HR px), bicubic down."""
-    return degrade_bicubic(_gaussian_blur_fast(sr, blur_sigma), scale)
-
-
-def consistency_psnr(sr: np.ndarray, lr: np.ndarray, scale: int, blur_sigma: float) -> float:
-    """PSNR (dB) of the re-degraded SR output against the LR input it was made from.
-
-    High (40 dB and more for a faithful model) when the output explains its input; low when
-    the model added or removed structure that the input does not support.
-    """
-    if sr.shape[1:] != (lr.shape[1] * scale, lr.shape[2] * scale):
-        raise ValueError(f"SR shape {sr.shape} is not {scale} x LR shape {lr.shape}")
-    border = CONSISTENCY_BORDER if min(lr.shape[1:]) > 2 * CONSISTENCY_BORDER else 0
-    return psnr(reproject(sr, scale, blur_sigma), lr, border=border)
-
-
-# --------------------------------------------------------------------------------------------
-# Registry models
-# --------------------------------------------------------------------------------------------
+    output: np.ndarray
+    raw: np.ndarray
+    consistency_psnr: float
 
 
 @dataclass
-class LoadedGenerator:
-    """A generator ready for inference, and where it came from."""
+class Upscaler:
+    """A generator with everything that turns its input into the served output.
+
+    ``module``: the generator, on ``device`` (None: wherever its parameters are); ``scale``: its
+    factor. ``tiling``: how large inputs are cut (:func:`upscale_image`); None runs every image
+    whole, as training validation and the benchmark do. ``consistency``: the back-projection
+    after the network (off by default). ``score_blur_sigma``: the blur (HR px) the consistency
+    score assumes before downsampling.
+
+    Every entry point calls :meth:`__call__` (or its parts, :meth:`network`, :meth:`network_batch`,
+    :meth:`refine` and :meth:`score`, where it interleaves them with other work), so an image gets
+    the same pixels and the same score wherever it is upscaled.
+    """
 
     module: torch.nn.Module
     scale: int
-    architecture: str  # medsr.models name, e.g. "espcn"
-    registered_name: str  # "medsr-x4"
-    version: str  # MLflow registry version
-    source: str  # "mlflow" or "bentoml"
-    spec: dict[str, Any] = field(default_factory=dict)
+    consistency: ConsistencySettings = field(default_factory=ConsistencySettings)
+    tiling: Tiling | None = None
+    device: torch.device | str | None = None
+    score_blur_sigma: float = 0.0
 
-    def describe(self) -> dict[str, Any]:
-        return {"scale": self.scale, "architecture": self.architecture, "registered_name": self.registered_name,
-                "version": self.version, "source": self.source}
+    def network(self, lr: np.ndarray, timer: PhaseTimer | None = None) -> np.ndarray:
+        """The network's output for one contract image (tiled when it exceeds a tile)."""
+        check_contract(lr, "input image")
+        if self.tiling is None:
+            with timed_phase(timer, "forward"):
+                return predict_image(self.module, lr, self.device)
+        return upscale_image(self.module, lr, self.scale, tiling=self.tiling, device=self.device, timer=timer)
 
+    def network_batch(self, images: list[np.ndarray], timer: PhaseTimer | None = None,
+                      max_batch: int = 16) -> list[np.ndarray]:
+        """:meth:`network` of each image; same-shape images that fit one tile share forward passes
+        of up to ``max_batch`` (the same convolutions, so the same pixels up to float rounding)."""
+        outputs: list[np.ndarray | None] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            check_contract(image, f"input image {index}")
+            groups.setdefault(image.shape, []).append(index)
+        for shape, members in groups.items():
+            if self.tiling is not None and max(shape[1:]) > self.tiling.tile:
+                for i in members:
+                    outputs[i] = self.network(images[i], timer)
+                continue
+            for start in range(0, len(members), max_batch):
+                chunk = members[start:start + max_batch]
+                with timed_phase(timer, "forward"):
+                    batch = forward(self.module, np.stack([images[i] for i in chunk]), self.device)
+                for i, result in zip(chunk, batch, strict=True):
+                    outputs[i] = result
+        return [output for output in outputs if output is not None]
 
-def registry_version(name: str, version: str | None, alias: str) -> str:
-    """The registry version number of registered model ``name``: ``version`` checked, else the alias's.
+    def refine(self, raw: np.ndarray, lr: np.ndarray, timer: PhaseTimer | None = None) -> np.ndarray:
+        """The consistency step on the network's output; ``raw`` itself when the step is off."""
+        if not self.consistency.enabled:
+            return raw
+        with timed_phase(timer, "refine"):
+            return refine(raw, lr, self.scale, self.consistency)
 
-    Raises:
-        ModelNotFoundError: nothing registered under that name, alias or version.
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    def score(self, output: np.ndarray, lr: np.ndarray, timer: PhaseTimer | None = None) -> float:
+        """The consistency PSNR (dB) of ``output`` against the input ``lr``."""
+        with timed_phase(timer, "consistency"):
+            return consistency_psnr(output, lr, self.scale, self.score_blur_sigma)
 
-    from medsr.tracking import configure
-
-    configure()
-    client = MlflowClient()
-    try:
-        if version is not None:
-            return str(client.get_model_version(name, str(version)).version)
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException as err:
-        wanted = f"version {version}" if version is not None else f"alias {alias!r}"
-        raise ModelNotFoundError(f"{name} {wanted} not found in the MLflow registry") from err
-
-
-def load_registered_generator(name: str, scale: int, version: str | None, alias: str,
-                              device: torch.device | str = "cpu") -> LoadedGenerator:
-    """Load ``models:/<name>/<version>`` (the alias's version when ``version`` is None)."""
-    from medsr.tracking import load_logged_generator
-
-    resolved = registry_version(name, version, alias)
-    module, spec = load_logged_generator(f"models:/{name}/{resolved}", device=str(device))
-    return checked_scale(LoadedGenerator(module=module, scale=int(spec["scale"]), architecture=str(spec["model"]),
-                                         registered_name=name, version=resolved, source="mlflow", spec=spec), scale)
-
-
-def checked_scale(loaded: LoadedGenerator, scale: int) -> LoadedGenerator:
-    """``loaded``, after checking that it upscales by ``scale`` (what its registered name promises)."""
-    if loaded.scale != scale or int(getattr(loaded.module, "scale", scale)) != scale:
-        raise ModelNotFoundError(f"{loaded.registered_name} version {loaded.version} is a x{loaded.scale} "
-                                 f"generator, registered as x{scale}; register it under the right name")
-    return loaded
+    def __call__(self, lr: np.ndarray, timer: PhaseTimer | None = None, *, score: bool = True) -> Upscaled:
+        """Network, consistency step and score of one contract image; ``score=False`` skips the
+        score (NaN) where nobody reads it (the benchmark scores against HR instead)."""
+        raw = self.network(lr, timer)
+        output = self.refine(raw, lr, timer)
+        return Upscaled(output=output, raw=raw, consistency_psnr=self.score(output, lr, timer) if score else math.nan)
 
 
 def output_pixels(height: int, width: int, scale: int, count: int = 1) -> int:

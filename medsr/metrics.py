@@ -17,13 +17,8 @@ JSON files and MLflow metrics stay finite (an image scoring the cap is an exact 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
-
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-from medsr.data.pairs import PairSet
 
 PSNR_CAP_DB: float = 100.0
 SSIM_GAUSSIAN_SIGMA: float = 1.5
@@ -61,46 +56,6 @@ def psnr(sr: np.ndarray, hr: np.ndarray, *, border: int) -> float:
 def ssim(sr: np.ndarray, hr: np.ndarray, *, border: int) -> float:
     """SSIM (Wang et al. 2004, Gaussian 11x11 window, sigma 1.5) of one (1, H, W) image."""
     return ssim_with_foreground(sr, hr, None, border=border)[0]
-
-
-def evaluate_pairs(
-    predict: Callable[[np.ndarray], np.ndarray],
-    pairs: PairSet,
-    *,
-    border: int | None = None,
-    indices: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Score ``predict`` (LR (1, h, w) -> SR (1, H, W)) on whole images of a pair set.
-
-    ``border`` defaults to the pair set's scale. ``indices`` restricts the evaluation to some
-    pairs (e.g. a fixed subset for fast validation). Returns::
-
-        {"count": n, "psnr": mean, "ssim": mean,
-         "per_modality": {modality: {"count": k, "psnr": mean, "ssim": mean}, ...}}
-
-    The overall means are over all images (so a modality with more images weighs more), the
-    per-modality means over that modality's images.
-    """
-    border = pairs.scale if border is None else border
-    chosen = range(len(pairs)) if indices is None else indices
-    scores: dict[str, list[tuple[float, float]]] = {}
-    for i in chosen:
-        hr = pairs.hr(i)
-        sr = np.asarray(predict(pairs.lr(i)))
-        if sr.shape != hr.shape:
-            raise ValueError(f"pair {pairs.pairs[i]['id']}: prediction {sr.shape} does not match HR {hr.shape}")
-        score = (psnr(sr, hr, border=border), ssim(sr, hr, border=border))
-        scores.setdefault(pairs.pairs[i]["modality"], []).append(score)
-    if not scores:
-        raise ValueError(f"{pairs.folder}: no pairs to evaluate")
-
-    def summary(values: list[tuple[float, float]]) -> dict[str, Any]:
-        array = np.asarray(values, dtype=np.float64)
-        return {"count": len(values), "psnr": float(array[:, 0].mean()), "ssim": float(array[:, 1].mean())}
-
-    overall = summary([v for values in scores.values() for v in values])
-    overall["per_modality"] = {modality: summary(values) for modality, values in sorted(scores.items())}
-    return overall
 
 
 # --------------------------------------------------------------------------- foreground-aware scores

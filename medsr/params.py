@@ -32,6 +32,6 @@ def section(params: dict[str, Any], dotted: str) -> Any:
     node: Any = params
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ParamsError(f"params.yaml lacks `{dotted}` (missing `{part}`); see the README for the expected keys")
+            raise ParamsError(f"params.yaml lacks `{dotted}` (missing `{part}`); the repository's params.yaml lists every key")
         node = node[part]
     return node

@@ -16,13 +16,12 @@ from medsr.data import MODALITIES
 from medsr.data.ingest import TABLE_NAME, IngestOptions, ingest
 from medsr.data.sources.errors import SourceError
 from medsr.params import section
-from medsr.stage_entry import METRICS_DIR, StageFailed  # re-exported: the stage runner catches this class
+from medsr.stage_entry import METRICS_DIR, PAIRS_DIR, StageFailed  # re-exported: the stage runner catches this class
 
 RAW_DIR = Path("data/raw")
 INTERIM_DIR = Path("data/interim")
 VALIDATED_DIR = Path("data/validated")
 SPLIT_DIR = Path("data/split")
-PAIRS_DIR = Path("data/pairs")
 REPORTS_DIR = Path("reports")
 
 

@@ -37,15 +37,16 @@ def _module_name(path: Path, root: Path) -> str | None:
     return ".".join(parts) or None
 
 
-def _imported_names(path: Path, root: Path) -> set[str]:
-    """Every module name an ``import`` anywhere in ``path`` (functions included) may load."""
+def _import_statements(path: Path, root: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` per ``import`` anywhere in ``path`` (functions included), relative
+    imports resolved: ``import a.b`` is ``("a.b", [])``, ``from a import b, c`` is ``("a", ["b", "c"])``."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     own = _module_name(path, root)
     is_package = path.name == "__init__.py"
-    names: set[str] = set()
+    statements: list[tuple[str, list[str]]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            statements.extend((alias.name, []) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 if own is None:
@@ -55,10 +56,48 @@ def _imported_names(path: Path, root: Path) -> set[str]:
                 base = ".".join([*package, *([node.module] if node.module else [])])
             else:
                 base = node.module or ""
-            names.add(base)
-            # `from pkg import sub` loads pkg/sub.py when sub is a module, not just a name in pkg.
-            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+            statements.append((base, [alias.name for alias in node.names if alias.name != "*"]))
+    return statements
+
+
+def _imported_names(path: Path, root: Path) -> set[str]:
+    """Every module name an ``import`` anywhere in ``path`` (functions included) may load."""
+    names: set[str] = set()
+    for base, aliases in _import_statements(path, root):
+        names.add(base)
+        # `from pkg import sub` loads pkg/sub.py when sub is a module, not just a name in pkg.
+        names.update(f"{base}.{alias}" for alias in aliases)
     return names
+
+
+def project_imports(module: str, root: Path = REPO_ROOT, packages: tuple[str, ...] = PROJECT_PACKAGES) -> set[str]:
+    """The project modules ``module`` imports directly (anywhere in it, functions included).
+
+    ``from pkg import sub`` counts as importing ``pkg.sub`` alone when ``pkg`` is a parent
+    package of ``module`` (Python has run that ``__init__`` already); ``from pkg import name``
+    of a plain name counts as importing ``pkg``, whose ``__init__`` defines it.
+    """
+    path = module_file(module, root)
+    if path is None:
+        raise ValueError(f"{module}: no such module under {root}")
+    ancestors = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+    if path.name == "__init__.py":
+        ancestors.add(module)
+    found: set[str] = set()
+
+    def add(name: str) -> None:
+        while name and module_file(name, root) is None:
+            name = name.rpartition(".")[0]
+        if name and name.split(".")[0] in packages and name != module:
+            found.add(name)
+
+    for base, aliases in _import_statements(path, root):
+        submodules = [f"{base}.{a}" for a in aliases if module_file(f"{base}.{a}", root) is not None]
+        for name in submodules:
+            add(name)
+        if not aliases or len(submodules) < len(aliases) or base not in ancestors:
+            add(base)
+    return found
 
 
 def _loaded_files(module: str, root: Path, packages: tuple[str, ...], with_parents: bool) -> list[Path]:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from medsr.atomic import write_json
 from medsr.params import section
+from medsr.stage_entry import METRICS_DIR, PAIRS_DIR
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -52,10 +53,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-METRICS_DIR = Path("metrics")
-PAIRS_DIR = Path("data/pairs")
 REGISTER_METRICS = METRICS_DIR / "register.json"
-# Scores are kept per cell "<track>/<modality>" (clean and realistic tracks, README "Metrics").
+# Scores are kept per cell "<track>/<modality>" (clean and realistic tracks, docs/metrics-and-consistency.md).
 DESCRIPTION_LIMIT = 4800  # MLflow stores a version description in a 5000-character column
 
 
@@ -424,7 +423,7 @@ def evaluate_version(name: str, version: str, scale: int, pairs_root: Path, data
     """Load a registered version and score it on the current test tracks (same definition as the benchmark)."""
     from medsr.benchmark import score_generator
     from medsr.consistency import ConsistencySettings
-    from medsr.data.pairing import TRACKS
+    from medsr.degradations import TRACKS
     from medsr.tracking import load_logged_generator
 
     params = dict(params or {})

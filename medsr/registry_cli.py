@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,11 +176,12 @@ def review(params: Path = ParamsOption,
         return
     print_review(reviewed)
     if evaluate is not None:
-        from medsr.cli import print_evaluation
+        from medsr.reporting import evaluation_tables
 
         for entry in reviewed.values():
             for report in entry.get("evaluated", {}).values():
-                print_evaluation(report)
+                for table in evaluation_tables(report):
+                    _console().print(table)
 
 
 @registry_app.command()
@@ -243,10 +243,6 @@ def schedule_command(cron: str = typer.Option(None, "--cron", help='Cron string,
     if not (repo / "flows" / "retrain.py").is_file():
         _console(stderr=True).print("[bold red]medsr schedule:[/] run it from the repository root (flows/retrain.py not found here)")
         raise typer.Exit(1)
-    # flows/ is not part of the installed package: it is imported from the repository, as the
-    # deployment's entrypoint (flows/retrain.py:retrain) is.
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
     from flows.deploy import ScheduleError, serve_retrain
 
     try:

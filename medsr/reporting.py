@@ -174,3 +174,26 @@ def results_document(report: Mapping[str, Any]) -> str:
     return (head + markdown([learning_table(checks), sizes_table(checks)]) + "\n## Test split\n\n"
             + markdown(results_tables(report, "test")) + "\n## Validation split\n\n"
             + markdown(results_tables(report, "val")))
+
+
+def evaluation_tables(report: Mapping[str, Any]) -> list[Table]:
+    """The per-image table and the per-track, per-modality means of a
+    :func:`medsr.evaluation.evaluate_folder` report (``medsr evaluate``, ``medsr registry review``)."""
+    tracks = report["tracks"]
+    per_image = report["per_image"]
+    table = Table(title=f"{report['model']} x{report['scale']} vs bicubic, per image: PSNR dB / SSIM")
+    for column in ("image", "modality", *[f"{t} model" for t in tracks], *[f"{t} bicubic" for t in tracks], "gain dB"):
+        table.add_column(column, justify="left" if column in ("image", "modality") else "right")
+    for key in dict.fromkeys(r["image"] for r in per_image):
+        cells = {r["track"]: r for r in per_image if r["image"] == key}
+        first = next(iter(cells.values()))
+        table.add_row(key, first["modality"], *[f"{cells[t]['psnr']:.2f} / {cells[t]['ssim']:.3f}" for t in tracks],
+                      *[f"{cells[t]['bicubic_psnr']:.2f} / {cells[t]['bicubic_ssim']:.3f}" for t in tracks],
+                      " ".join(f"{cells[t]['gain_db']:+.2f}" for t in tracks))
+    summary_table = Table(title="Mean per track and modality (n = images / files)")
+    for column in ("track", "modality", "n", "PSNR", "bicubic", "gain dB", "SSIM gain"):
+        summary_table.add_column(column, justify="left" if column in ("track", "modality") else "right")
+    for r in report["summary"]:
+        summary_table.add_row(r["track"], r["modality"], f"{r['images']} / {r['files']}", f"{r['psnr']:.2f}",
+                              f"{r['bicubic_psnr']:.2f}", f"{r['gain_db']:+.3f}", f"{r['ssim_gain']:+.4f}")
+    return [table, summary_table]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS_DIR = Path("metrics")
+PAIRS_DIR = Path("data/pairs")  # the degrade stage's out (dvc.yaml), read by train, benchmark and register
 PARAMS_PATH = Path("params.yaml")
 
 

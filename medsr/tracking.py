@@ -1,5 +1,5 @@
 """MLflow tracking: every training run logs its params, curves, data version, git commit,
-a comparison figure and the generator itself.
+a comparison figure and the generator itself; registered generators are loaded back here.
 
 The default store is embedded (``mlflow.db`` and ``mlartifacts/`` in the repository, ignored by
 git); ``MLFLOW_TRACKING_URI`` points it at a server instead.
@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,65 @@ def load_logged_generator(model_uri: str, device: str = "cpu") -> tuple[Any, dic
     model = build_generator(spec["model"], int(spec["scale"]), **spec.get("options", {}))
     model.load_state_dict(state)
     return model.to(device).eval(), spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Registered generators
+
+
+class ModelNotFoundError(LookupError):
+    """No generator is registered for a scale, or the requested version does not exist."""
+
+
+@dataclass
+class LoadedGenerator:
+    """A generator ready for inference, and where it came from."""
+
+    module: Any  # a torch.nn.Module (torch is imported lazily here)
+    scale: int
+    architecture: str  # medsr.models name, e.g. "espcn"
+    registered_name: str  # "medsr-x4"
+    version: str  # MLflow registry version
+    source: str  # "mlflow" or "bentoml"
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"scale": self.scale, "architecture": self.architecture, "registered_name": self.registered_name,
+                "version": self.version, "source": self.source}
+
+
+def registry_version(name: str, version: str | None, alias: str) -> str:
+    """The registry version number of registered model ``name``: ``version`` checked, else the alias's.
+
+    Raises:
+        ModelNotFoundError: nothing registered under that name, alias or version.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure()
+    client = MlflowClient()
+    try:
+        if version is not None:
+            return str(client.get_model_version(name, str(version)).version)
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        wanted = f"version {version}" if version is not None else f"alias {alias!r}"
+        raise ModelNotFoundError(f"{name} {wanted} not found in the MLflow registry") from err
+
+
+def load_registered_generator(name: str, scale: int, version: str | None, alias: str,
+                              device: Any = "cpu") -> LoadedGenerator:
+    """Load ``models:/<name>/<version>`` (the alias's version when ``version`` is None)."""
+    resolved = registry_version(name, version, alias)
+    module, spec = load_logged_generator(f"models:/{name}/{resolved}", device=str(device))
+    return checked_scale(LoadedGenerator(module=module, scale=int(spec["scale"]), architecture=str(spec["model"]),
+                                         registered_name=name, version=resolved, source="mlflow", spec=spec), scale)
+
+
+def checked_scale(loaded: LoadedGenerator, scale: int) -> LoadedGenerator:
+    """``loaded``, after checking that it upscales by ``scale`` (what its registered name promises)."""
+    if loaded.scale != scale or int(getattr(loaded.module, "scale", scale)) != scale:
+        raise ModelNotFoundError(f"{loaded.registered_name} version {loaded.version} is a x{loaded.scale} "
+                                 f"generator, registered as x{scale}; register it under the right name")
+    return loaded

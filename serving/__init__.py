@@ -92,7 +92,7 @@ def load_config(path: Path | None = None) -> ServingConfig:
     serving = dict(section(params, "serving"))
     missing = [key for key in SERVING_KEYS if key not in serving]
     if missing:
-        raise ParamsError(f"{path}: `serving:` lacks {', '.join(missing)}; see the Serving section of README.md")
+        raise ParamsError(f"{path}: `serving:` lacks {', '.join(missing)}; see params.yaml and docs/serving.md")
     names = {int(str(key).lstrip("x")): str(value) for key, value in section(params, "registry.model_names").items()}
     return ServingConfig(serving=serving, model_names=names, degrade=dict(section(params, "degrade")),
                          consistency=dict(params.get("consistency") or {}), path=path)

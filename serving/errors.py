@@ -41,14 +41,14 @@ MULTIPART_ROUTES = frozenset({"/upscale", "/demo"})
 JSON_ROUTES = frozenset({"/upscale_array"})
 _REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DEFAULT_FIXES: dict[int, str] = {
-    400: "check the request against the API description in README.md (multipart field `file` for /upscale "
+    400: "check the request against the API description in docs/serving.md (multipart field `file` for /upscale "
          "and /demo, JSON {\"images\": [...]} for /upscale_array)",
     404: "check the URL: the endpoints are /, /upscale, /upscale_array, /demo, /info, /samples, /livez, "
          "/readyz, /metrics",
     405: "use POST for /upscale, /upscale_array and /demo, GET for the pages and probes",
     413: "send a smaller request (see the limits in GET /info)",
     429: "retry after the Retry-After seconds",
-    415: "send a supported content type (see README.md)",
+    415: "send a supported content type (see docs/serving.md)",
     422: "change the request as the error says",
     500: "retry; if it persists, report the X-Request-ID to the operators",
     503: "wait until /readyz answers 200 (the champion model is loading or not registered)",
@@ -139,7 +139,7 @@ def normalised_error(status: int, body: bytes, content_type: str) -> tuple[int, 
             return status, error_body(status, f"the request body is not valid JSON ({message})",
                                       'send JSON like {"images": [{"image": [[0.0, 0.5], [0.5, 1.0]], "scale": 4}]}')
         return status, error_body(status, f"invalid field `{field}`: {message}",
-                                  f"send `{field}` with a value of the documented type (README.md)")
+                                  f"send `{field}` with a value of the documented type (docs/serving.md)")
     if isinstance(payload, dict) and "error" in payload:
         return status, error_body(status, str(payload["error"]))
     text = body.decode("utf-8", "replace").strip()[:300] if body else ""

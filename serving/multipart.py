@@ -127,7 +127,7 @@ class MultipartScreen:
         fields = self.fields
         if not name:
             self._refuse("a multipart part has no field name (Content-Disposition: form-data; name=...)",
-                         f"name every part: the image in `{FILE_FIELD}`, the options by their names (README.md)")
+                         f"name every part: the image in `{FILE_FIELD}`, the options by their names (docs/serving.md)")
             return
         if fields is not None and name not in fields:
             same = [field for field in fields if field.lower() == name.lower()]

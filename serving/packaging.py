@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from medsr.inference import LoadedGenerator, ModelNotFoundError, checked_scale, registry_version
+from medsr.tracking import LoadedGenerator, ModelNotFoundError, checked_scale, registry_version
 from serving import ServingConfig, load_config
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """MedSR as a BentoML service: upscale files and arrays with the registry's champions.
 
 Start: ``bentoml serve serving.service:MedSR --host 127.0.0.1 --port 3000 --arg device=auto``
-(``make serve``). Endpoints (``README.md`` has a ``curl`` call for each):
+(``make serve``). Endpoints (``README.md`` has a ``curl`` call for each, ``docs/serving.md`` the contract):
 
 * ``POST /upscale`` (multipart: ``file``, ``scale``, optional ``model_version``, ``frame``,
   ``modality``): the same format back (DICOM, NIfTI, PNG, TIFF, JPEG), consistency score in the
@@ -39,21 +39,19 @@ import numpy as np
 from starlette.responses import Response
 
 from medsr.dicom_log import scrub_pydicom_warnings
+from medsr.consistency import ConsistencySettings
 from medsr.inference import (
-    LoadedGenerator,
-    ModelNotFoundError,
     PhaseTimer,
     Tiling,
     UnboundedReceptiveField,
+    Upscaler,
     choose_memory_format,
-    consistency_psnr,
     describe_size,
     forward,
-    load_registered_generator,
     pick_device,
     receptive_radius,
-    upscale_image,
 )
+from medsr.tracking import LoadedGenerator, ModelNotFoundError, load_registered_generator
 from serving import load_config
 from serving.admission import Admission
 from serving.errors import (
@@ -78,7 +76,7 @@ from serving.packaging import load_bentoml_generator
 from serving.schemas import AVAILABLE_SCALES, LIMITS, ArrayImage, ArrayResult
 from serving.shutdown import bound_shutdown
 from serving.threads import ThreadBudget
-from serving.uploads import InputError, Refiner, read_upload, upscale_file
+from serving.uploads import InputError, read_upload, upscale_file
 from serving.web import png_data_url, public_samples, side_by_side, web_app
 
 # A child of BentoML's logger: its handlers and format carry our lines into the server log.
@@ -106,22 +104,10 @@ EXPOSED_HEADERS = ("X-MedSR-Consistency-PSNR, X-MedSR-Consistency-Warning, X-Med
                    "Server-Timing")
 
 
-def _refiner() -> Refiner | None:
-    """The back-projection step of :mod:`medsr.consistency` when ``serving.refine`` is on."""
-    if not SERVING["refine"]:
-        return None
-    from medsr.consistency import ConsistencySettings, estimate_noise_sigma, refine
-
-    settings = ConsistencySettings.from_params(CONFIG.consistency)
-    if not settings.enabled:
-        return None
-
-    def refined(sr: np.ndarray, lr: np.ndarray, scale: int) -> np.ndarray:
-        # The wavelet estimate is NaN on a constant image (an all-black upload); it has no noise.
-        sigma = float(estimate_noise_sigma(lr))
-        return refine(sr, lr, scale, settings, noise_sigma=sigma if math.isfinite(sigma) else 0.0)
-
-    return refined
+def _consistency() -> ConsistencySettings:
+    """The consistency step every endpoint applies after the network: ``params.yaml: consistency``
+    when ``serving.refine`` is on, else none (``steps`` 0)."""
+    return ConsistencySettings.from_params(CONFIG.consistency) if SERVING["refine"] else ConsistencySettings()
 
 
 @bentoml.asgi_app(web_app, path="/")
@@ -148,7 +134,7 @@ class MedSR:
         self.device = pick_device(DEVICE_ARGUMENT)
         self.tiling = Tiling.from_params(SERVING)
         self.blur_sigma = float(CONFIG.degrade["blur_sigma"])
-        self.refine = _refiner()
+        self.consistency = _consistency()
         self.champions: dict[int, LoadedGenerator] = {}
         self.load_error: str | None = None
         self._versions: collections.OrderedDict[tuple[int, str], LoadedGenerator] = collections.OrderedDict()
@@ -264,6 +250,11 @@ class MedSR:
             return Tiling(tile=1 << 30, batch_size=1, margin=0)
         return self.tiling
 
+    def upscaler(self, generator: LoadedGenerator) -> Upscaler:
+        """The one way every endpoint turns ``generator``'s input into its output and score."""
+        return Upscaler(generator.module, generator.scale, consistency=self.consistency,
+                        tiling=self.tiling_for(generator), device=self.device, score_blur_sigma=self.blur_sigma)
+
     def describe(self) -> dict[str, Any]:
         """What GET /info reports."""
         import torch
@@ -290,7 +281,7 @@ class MedSR:
                        "demo_max_side": int(SERVING["demo_max_side"])},
             "tiling": {"tile": self.tiling.tile, "batch_size": self.tiling.batch_size,
                        "margin": "each model's receptive_radius"},
-            "refine": self.refine is not None,
+            "refine": self.consistency.enabled,
             "batching": BATCHING,
             "consistency": {"blur_sigma": self.blur_sigma, "warning_db": float(SERVING["consistency_warning_db"])},
             "degradation": {"blur_sigma": self.blur_sigma, "noise": CONFIG.degrade.get("noise")},
@@ -324,11 +315,10 @@ class MedSR:
         try:
             generator = self.generator(int(scale), model_version)
             with self.threads.computing():
-                result = upscale_file(file, generator, max_output_pixels=int(SERVING["max_output_pixels"]),
-                                      tiling=self.tiling_for(generator), device=self.device,
-                                      blur_sigma=self.blur_sigma, modality=modality, frame=frame,
-                                      name_hint=file.suffix, png_level=int(SERVING["png_level"]),
-                                      refine=self.refine, timer=timer, before_compute=self.threads.apply)
+                result = upscale_file(file, generator, self.upscaler(generator),
+                                      max_output_pixels=int(SERVING["max_output_pixels"]), modality=modality,
+                                      frame=frame, name_hint=file.suffix, png_level=int(SERVING["png_level"]),
+                                      timer=timer, before_compute=self.threads.apply)
         except InputError as err:
             logger.info("request_id=%s endpoint=/upscale rejected status=%d: %s", request_id,
                         input_error_response(err).status_code, err.error)
@@ -389,34 +379,22 @@ class MedSR:
     def _upscale_arrays(self, images: list[ArrayImage]) -> list[ArrayResult]:
         timer = PhaseTimer()
         outputs: list[np.ndarray | None] = [None] * len(images)
-        groups: dict[tuple[int, int, int], list[int]] = collections.defaultdict(list)
+        by_scale: dict[int, list[int]] = collections.defaultdict(list)
         for index, item in enumerate(images):
-            _, height, width = item.pixels().shape
-            groups[(item.scale, height, width)].append(index)
-        for (scale, height, width), members in groups.items():
-            generator = self.generator(scale, None)
-            tiling = self.tiling_for(generator)
-            if max(height, width) <= tiling.tile:
-                step = int(BATCHING["max_batch_size"])
-                for start in range(0, len(members), step):
-                    chunk = members[start:start + step]
-                    with timer.phase("forward"):
-                        batch = forward(generator.module, np.stack([images[i].pixels() for i in chunk]), self.device)
-                    for i, result in zip(chunk, batch, strict=True):
-                        outputs[i] = result
-            else:
-                for i in members:
-                    outputs[i] = upscale_image(generator.module, images[i].pixels(), scale, tiling=tiling,
-                                               device=self.device, timer=timer)
+            by_scale[item.scale].append(index)
+        upscalers = {scale: self.upscaler(self.generator(scale, None)) for scale in by_scale}
+        for scale, members in by_scale.items():
+            upscaler = upscalers[scale]
+            lrs = [images[i].pixels() for i in members]
+            raws = upscaler.network_batch(lrs, timer, max_batch=int(BATCHING["max_batch_size"]))
+            for i, lr, raw in zip(members, lrs, raws, strict=True):
+                outputs[i] = upscaler.refine(raw, lr, timer)
+        groups = {(item.scale, *item.pixels().shape[1:]) for item in images}
         results = []
         for item, output in zip(images, outputs, strict=True):
             assert output is not None
-            if self.refine is not None:
-                with timer.phase("refine"):
-                    output = self.refine(output, item.pixels(), item.scale)
             generator = self.champions[item.scale]
-            with timer.phase("consistency"):
-                score = consistency_psnr(output, item.pixels(), item.scale, self.blur_sigma)
+            score = upscalers[item.scale].score(output, item.pixels(), timer)
             CONSISTENCY.labels(endpoint="/upscale_array").observe(score)
             with timer.phase("encode"):
                 encoded: dict[str, Any]
@@ -472,10 +450,10 @@ class MedSR:
                                  f"pass frame between 0 and {len(images) - 1}")
             noise_kind = str((CONFIG.degrade.get("noise") or {}).get(chosen_modality, {}).get("kind", "gaussian"))
             with self.threads.computing():
-                view = side_by_side(images[index].pixels, generator, noise_kind=noise_kind, noise_level=float(noise),
-                                    blur_sigma=float(blur), consistency_blur_sigma=self.blur_sigma,
+                view = side_by_side(images[index].pixels, self.upscaler(generator), noise_kind=noise_kind,
+                                    noise_level=float(noise), blur_sigma=float(blur),
                                     known_original=bool(known_original), max_side=int(SERVING["demo_max_side"]),
-                                    tiling=self.tiling_for(generator), device=self.device, seed=int(seed))
+                                    seed=int(seed))
         except InputError as err:
             logger.info("request_id=%s endpoint=/demo rejected status=%d: %s", request_id,
                         input_error_response(err).status_code, err.error)

@@ -23,16 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from medsr.inference import (
-    LoadedGenerator,
-    PhaseTimer,
-    Tiling,
-    consistency_psnr,
-    describe_size,
-    output_pixels,
-    side_for,
-    upscale_image,
-)
+from medsr.inference import PhaseTimer, Upscaler, describe_size, output_pixels, side_for
+from medsr.tracking import LoadedGenerator
 
 
 class InputError(ValueError):
@@ -58,7 +50,6 @@ class InputError(ValueError):
 FILE_FORMATS: tuple[str, ...] = ("dicom", "nifti", "png", "tiff", "jpeg")
 _UPLOAD_NAMES = {"dicom": "upload.dcm", "nifti": "upload.nii", "nifti-gz": "upload.nii.gz",
                  "png": "upload.png", "tiff": "upload.tif", "jpeg": "upload.jpg"}
-_DICOM_MODALITIES = {"CT": "ct", "MR": "mri", "PT": "ct"}  # anything else (CR, DX, MG, ...) is X-ray-like
 SUPPORTED_UPLOADS = "DICOM (.dcm), NIfTI (.nii, .nii.gz), PNG, TIFF or JPEG"
 _RAW_SYNTAX_HINT = "re-export it uncompressed (e.g. `gdcmconv --raw in.dcm out.dcm` or dcmtk's `dcmdjpeg in.dcm out.dcm`)"
 
@@ -88,7 +79,7 @@ def sniff_format(head: bytes, name_hint: str = "") -> str | None:
 
 
 def _modality_of(images: Sequence[Any], file_format: str, requested: str | None) -> str:
-    from medsr.data import MODALITIES
+    from medsr.data import MODALITIES, MODALITY_OF_DICOM
 
     if requested:
         if requested not in MODALITIES:
@@ -96,7 +87,8 @@ def _modality_of(images: Sequence[Any], file_format: str, requested: str | None)
                              f"pass modality as one of {', '.join(MODALITIES)}, or leave it out to infer it")
         return requested
     if file_format == "dicom":
-        return _DICOM_MODALITIES.get(str(images[0].extra.get("dicom_modality", "")).upper(), "xray")
+        # A code without a modality of its own is treated as a radiograph, as a PNG or TIFF is.
+        return MODALITY_OF_DICOM.get(str(images[0].extra.get("dicom_modality", "")).upper(), "xray")
     return "mri" if file_format == "nifti" else "xray"
 
 
@@ -247,9 +239,6 @@ def select_frame(images: list[Any], file_format: str, frame: int | None) -> list
 
 _SCORER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medsr-score")
 
-Refiner = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
-"""``refine(sr, lr, scale) -> sr``: a step between the network and the consistency score."""
-
 
 @dataclass
 class FileResult:
@@ -269,11 +258,11 @@ class FileResult:
     converted: str | None = None  # e.g. "rgb->luma": colour/alpha input processed as one luma channel
 
 
-def upscale_file(path: Path, generator: LoadedGenerator, *, max_output_pixels: int, tiling: Tiling,
-                 device: Any, blur_sigma: float, modality: str | None = None, frame: int | None = None,
-                 name_hint: str = "", png_level: int = 1, refine: Refiner | None = None,
+def upscale_file(path: Path, generator: LoadedGenerator, upscaler: Upscaler, *, max_output_pixels: int,
+                 modality: str | None = None, frame: int | None = None, name_hint: str = "", png_level: int = 1,
                  timer: PhaseTimer | None = None, before_compute: Callable[[], None] | None = None) -> FileResult:
-    """Read an upload, super-resolve it with ``generator``, and write it back in its own format.
+    """Read an upload, super-resolve it with ``upscaler`` (``generator``'s network), and write it
+    back in its own format; ``generator`` names the model in the output's provenance.
 
     ``before_compute`` runs on the computing thread before the network, the refinement and the
     score (the service sets that thread's torch threads: :mod:`serving.threads`).
@@ -297,18 +286,13 @@ def upscale_file(path: Path, generator: LoadedGenerator, *, max_output_pixels: i
     results = []
     for image in chosen:
         prepare()
-        result = upscale_image(generator.module, image.pixels, scale, tiling=tiling, device=device, timer=timer)
-        if refine is not None:
-            prepare()
-            with timer.phase("refine"):
-                result = refine(result, image.pixels, scale)
-        results.append(result)
+        raw = upscaler.network(image.pixels, timer)
+        prepare()
+        results.append(upscaler.refine(raw, image.pixels, timer))
 
     def score() -> list[float]:
         prepare()
-        with timer.phase("consistency"):
-            return [consistency_psnr(result, image.pixels, scale, blur_sigma) for image, result in zip(chosen, results,
-                                                                                                     strict=True)]
+        return [upscaler.score(result, image.pixels, timer) for image, result in zip(chosen, results, strict=True)]
 
     # The score and the encoder read the same results and release the GIL (torch, scipy, zlib):
     # run them side by side, so a request waits for the longer of the two, not their sum.

@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from medsr.degradations import gaussian_blur
-from medsr.inference import LoadedGenerator, Tiling, consistency_psnr, upscale_image
+from medsr.inference import Upscaler
 from medsr.metrics import psnr
 from serving.errors import error_response
 from serving.uploads import InputError
@@ -95,7 +95,10 @@ def png_data_url(image: np.ndarray, bits: int = 8) -> str:
 
 @dataclass
 class SideBySide:
-    """LR input, bicubic and model outputs (and the original when known), with their scores."""
+    """LR input, bicubic and model outputs (and the original when known), with their scores.
+
+    ``sr`` is the :class:`medsr.inference.Upscaler`'s output, the pixels /upscale returns for
+    this LR input; ``scores`` and ``consistency_psnr`` are of that output."""
 
     lr: np.ndarray
     bicubic: np.ndarray
@@ -119,9 +122,8 @@ def center_crop(image: np.ndarray, max_side: int, multiple: int = 1) -> tuple[np
     return cropped, (new_h, new_w) != (height, width)
 
 
-def side_by_side(image: np.ndarray, generator: LoadedGenerator, *, noise_kind: str, noise_level: float,
-                 blur_sigma: float, consistency_blur_sigma: float, known_original: bool, max_side: int,
-                 tiling: Tiling, device: Any, seed: int = 0) -> SideBySide:
+def side_by_side(image: np.ndarray, upscaler: Upscaler, *, noise_kind: str, noise_level: float,
+                 blur_sigma: float, known_original: bool, max_side: int, seed: int = 0) -> SideBySide:
     """What the web page shows: degrade the input as the sliders say, upscale it two ways, score.
 
     ``known_original``: the image is treated as the high-resolution original and the model's
@@ -131,7 +133,7 @@ def side_by_side(image: np.ndarray, generator: LoadedGenerator, *, noise_kind: s
     from medsr.degradations import add_modality_noise, degrade_standard, rng_for, upsample_bicubic
     from medsr.metrics import ssim
 
-    scale = generator.scale
+    scale = upscaler.scale
     rng = rng_for(seed, "serving-demo")
     if known_original:
         hr, cropped = center_crop(image, max_side, scale)
@@ -141,7 +143,8 @@ def side_by_side(image: np.ndarray, generator: LoadedGenerator, *, noise_kind: s
         hr = None
         lr = add_modality_noise(gaussian_blur(source, blur_sigma), noise_kind, noise_level, rng)
     bicubic = upsample_bicubic(lr, scale)
-    sr = upscale_image(generator.module, lr, scale, tiling=tiling, device=device)
+    upscaled = upscaler(lr)
+    sr = upscaled.output
     scores: dict[str, dict[str, float]] = {}
     if hr is not None:
         for name, candidate in (("bicubic", bicubic), ("model", sr)):
@@ -151,6 +154,6 @@ def side_by_side(image: np.ndarray, generator: LoadedGenerator, *, noise_kind: s
             except ValueError:  # too small for the SSIM window
                 pass
     return SideBySide(lr=lr, bicubic=bicubic, sr=sr, hr=hr, scores=scores,
-                      consistency_psnr=consistency_psnr(sr, lr, scale, consistency_blur_sigma), cropped=cropped)
+                      consistency_psnr=upscaled.consistency_psnr, cropped=cropped)
 
 

@@ -125,7 +125,7 @@ def test_noise_estimate_is_not_fooled_by_sharp_anatomy_borders() -> None:
 @pytest.mark.parametrize(("scale", "blur"), [(2, 0.0), (4, 0.0), (4, 0.8)])
 def test_lr_space_iterations_equal_the_plain_back_projection(scale: int, blur: float) -> None:
     # The reference is the textbook loop x <- x + U(lr - D(x)) on HR-size images, clamped at the end.
-    from medsr.consistency import _blur
+    from medsr.ops import gaussian_blur_torch
 
     hr = _phantom(96)
     lr = deg.degrade_bicubic(deg.gaussian_blur(hr, blur), scale) if blur else deg.degrade_bicubic(hr, scale)
@@ -133,26 +133,12 @@ def test_lr_space_iterations_equal_the_plain_back_projection(scale: int, blur: f
     x = torch.from_numpy(start)[None].double()
     target = torch.from_numpy(lr)[None].double()
     for _ in range(5):
-        down = F.interpolate(_blur(x, blur), size=target.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
+        down = F.interpolate(gaussian_blur_torch(x, blur), size=target.shape[-2:], mode="bicubic", align_corners=False, antialias=True)
         x = x + F.interpolate(target - down, scale_factor=float(scale), mode="bicubic", align_corners=False)
     reference = x.clamp(0, 1)[0].float().numpy()
     fast = project_to_input(start, lr, scale, steps=5, blur_sigma=blur)
     inner = (slice(None), slice(3 * scale, -3 * scale), slice(3 * scale, -3 * scale))  # borders pad differently
     assert np.abs(fast[inner] - reference[inner]).max() < 2e-3
-
-
-@pytest.mark.parametrize("scale", [2, 3, 4])
-@pytest.mark.parametrize("shape", [(256, 256), (7, 5), (1, 1), (2, 3)])
-def test_fast_upsampling_is_torch_bicubic(scale: int, shape: tuple[int, int]) -> None:
-    """The back-projection's U: every phase's 4 taps and the replicated edges of torch's kernel."""
-    from medsr.consistency import _bicubic_upsample
-
-    image = np.random.default_rng(scale).standard_normal(shape).astype(np.float32)
-    expected = F.interpolate(torch.from_numpy(image)[None, None], scale_factor=float(scale), mode="bicubic",
-                             align_corners=False)[0, 0].numpy()
-    fast = _bicubic_upsample(image, scale)
-    assert fast.dtype == np.float32 and fast.shape == expected.shape
-    np.testing.assert_allclose(fast, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("blur", [0.0, 0.8])

@@ -25,7 +25,7 @@ from test_training import write_pair_sets
 
 from medsr.params import load_params
 from medsr.training import PatchBatches, TrainConfig, load_checkpoint, train_generator
-from medsr.training.distributed import torchrun_command
+from medsr.training.launch import torchrun_command
 from medsr.training.stage import config_digest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def smoke_params(pairs_root: Path, work: Path, **train: Any) -> dict[str, Any]:
 def environment(work: Path) -> dict[str, str]:
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=str(REPO_ROOT))
-    env["PYTHONWARNINGS"] = "ignore:'medsr.training.distributed' found in sys.modules::runpy"
+    env["PYTHONWARNINGS"] = "ignore:'medsr.training.stage' found in sys.modules::runpy"
     return env
 
 
@@ -239,7 +239,7 @@ def test_a_killed_two_rank_run_resumes_on_one_rank(pairs_root: Path, tmp_path: P
     # The same train stage on one rank (nproc 1, no torchrun) resumes the 2-rank checkpoint.
     (work / "params.yaml").write_text(yaml.safe_dump(one_rank))
     result = subprocess.run(
-        [sys.executable, "-m", "medsr.training.distributed", "espcn", "--params", "params.yaml"],
+        [sys.executable, "-m", "medsr.training.stage", "espcn", "--params", "params.yaml"],
         cwd=work, env=environment(work), capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((work / "metrics" / "train" / "espcn.json").read_text())["scales"]["x2"]

@@ -164,7 +164,7 @@ def test_benchmark_scores_the_consistency_baseline_and_each_networks_own_gain(pr
     from medsr.consistency import ConsistencySettings, refine
     from medsr.evaluation import evaluate_images, summarize
     from medsr.models import build_generator
-    from medsr.training.trainer import predict_image
+    from medsr.inference import predict_image
 
     report = project["report"]
     root = project["root"]

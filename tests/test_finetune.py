@@ -13,7 +13,7 @@ from medsr.degradations import degrade_bicubic
 from medsr.finetune import (FineTuneSettings, NoiseGate, clean_lr, fine_tune, fine_tune_cached, noise_gated,
                             with_weights)
 from medsr.models import build_generator
-from medsr.training.trainer import predict_image
+from medsr.inference import predict_image
 
 SCALE = 2
 QUICK = dict(steps=3, batch_size=2, lr_patch=16, learning_rate=1e-2)

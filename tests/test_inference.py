@@ -18,18 +18,19 @@ from pydicom.pixels import apply_modality_lut
 from medsr.data.loading import load_dicom
 from medsr.data.sample_files import sample_file
 from medsr.degradations import degrade_bicubic, degrade_standard, gaussian_blur
+from medsr.consistency import consistency_psnr
 from medsr.inference import (
-    LoadedGenerator,
     PhaseTimer,
     Tiling,
+    Upscaler,
     choose_memory_format,
-    consistency_psnr,
     forward,
     receptive_radius,
     tile_windows,
     upscale_image,
 )
 from medsr.models import build_generator
+from medsr.tracking import LoadedGenerator
 from serving.errors import INPUT_ERROR_STATUS
 from serving.uploads import InputError, read_upload, select_frame, sniff_format, upscale_file
 
@@ -55,8 +56,9 @@ def bicubic_x4() -> LoadedGenerator:
 
 
 def _upscale(path: Path, generator: LoadedGenerator, **kwargs: object):
-    return upscale_file(path, generator, max_output_pixels=kwargs.pop("max_output_pixels", BIG),  # type: ignore[arg-type]
-                        tiling=Tiling(tile=64), device="cpu", blur_sigma=0.6, **kwargs)  # type: ignore[arg-type]
+    upscaler = Upscaler(generator.module, generator.scale, tiling=Tiling(tile=64), device="cpu", score_blur_sigma=0.6)
+    return upscale_file(path, generator, upscaler, max_output_pixels=kwargs.pop("max_output_pixels", BIG),  # type: ignore[arg-type]
+                        **kwargs)  # type: ignore[arg-type]
 
 
 def status(err: InputError) -> int:
@@ -339,15 +341,3 @@ def test_raster_formats_keep_format_and_depth(tmp_path: Path, bicubic_x4: Loaded
     blocks = values.reshape(40, 4, 30, 4).mean(axis=(1, 3))
     tolerance = 0.03 * float(np.iinfo(array.dtype).max)
     assert np.abs(blocks - array)[2:-2, 2:-2].max() < tolerance
-
-
-@pytest.mark.parametrize("shape", [(1, 96, 80), (1, 5, 7), (1, 2, 9), (1, 1, 1)])
-def test_the_served_score_blurs_exactly_as_the_degradation_does(shape: tuple[int, int, int]) -> None:
-    """The consistency score's fast blur is scipy's (the pairs'): same taps, same edge rule."""
-    from medsr.inference import _gaussian_blur_fast
-
-    image = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
-    for sigma in (0.0, 0.6, 1.1, 2.0):
-        fast = _gaussian_blur_fast(image, sigma)
-        assert fast.dtype == np.float32 and fast.shape == image.shape
-        np.testing.assert_allclose(fast, gaussian_blur(image, sigma), rtol=0, atol=1e-6)

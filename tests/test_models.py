@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from medsr.models import (ARCHITECTURES, ModelSpec, build_discriminator, build_generator, count_parameters,
                           curriculum_stage, model_names, model_spec, register_architecture)
 from medsr.models.architectures import ArchitectureRegistry
-from medsr.models.blocks import SRGenerator, bicubic_upsample
+from medsr.models.blocks import SRGenerator
+from medsr.ops import bicubic_upsample
 from medsr.scale import SUPPORTED_SCALES
 
 LR_H, LR_W = 13, 17  # odd on purpose: pixel shuffle and strided convs must not assume even sizes

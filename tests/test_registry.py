@@ -85,7 +85,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     from medsr.benchmark import held_out_images
     from medsr.evaluation import evaluate_images, summarize
     from medsr.models import build_generator
-    from medsr.training.trainer import predict_image
+    from medsr.inference import predict_image
 
     root = tmp_path_factory.mktemp("registry-store")
     with pytest.MonkeyPatch.context() as patch:

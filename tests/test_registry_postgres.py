@@ -76,7 +76,7 @@ def test_registry_on_mlflow_with_postgresql(postgres_uri: str, tmp_path: Path, m
     from medsr.evaluation import evaluate_images, summarize
     from medsr.models import build_generator
     from medsr.registry import RegistryError, check_tracking_reachable
-    from medsr.training.trainer import predict_image
+    from medsr.inference import predict_image
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres_uri)

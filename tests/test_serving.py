@@ -405,6 +405,27 @@ def test_demo_comparison_json(client: httpx.Client, files: dict[str, Path]) -> N
     assert_error(upload(client, files["ct"], route="/demo", noise=3.0), 422, "noise")
 
 
+
+def test_demo_and_upscale_return_the_same_pixels(client: httpx.Client, tmp_path: Path) -> None:
+    """The page's image, its 16-bit download and its consistency score are /upscale's for the same
+    input and settings (the service runs the consistency step: params serving.refine)."""
+    y, x = np.mgrid[0:40, 0:36]
+    wave = 0.5 + 0.5 * np.sin(x / 3.0) * np.cos(y / 5.0)
+    path = tmp_path / "wave.png"
+    Image.fromarray(np.rint((wave - wave.min()) / np.ptp(wave) * 65535).astype(np.uint16)).save(path)
+
+    served = upload(client, path, scale=4)
+    assert served.status_code == 200, served.text
+    page = upload(client, path, route="/demo", scale=4, noise=0.0, blur=0.0, known_original="false")
+    assert page.status_code == 200, page.text
+    body = page.json()
+    download = base64.b64decode(body["download"]["png16"].split(",", 1)[1])
+    page_pixels = imagecodecs.png_decode(download).astype(np.int64)
+    served_pixels = np.asarray(Image.open(io.BytesIO(served.content))).astype(np.int64)
+    assert page_pixels.shape == served_pixels.shape == (160, 144)
+    assert np.abs(page_pixels - served_pixels).max() <= 1  # the codecs' rounding, nothing else
+    assert f"{body['consistency_psnr']:.3f}" == served.headers["x-medsr-consistency-psnr"]
+
 # -------------------------------------------------------------------------------- bad input
 
 

@@ -18,7 +18,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from medsr.data.sample_files import sample_file
-from medsr.inference import LoadedGenerator, Tiling
+from medsr.inference import Tiling, Upscaler
+from medsr.tracking import LoadedGenerator
 from medsr.models import build_generator
 from serving.uploads import FileResult, upscale_file
 
@@ -32,8 +33,8 @@ def bicubic_x2() -> LoadedGenerator:
 
 
 def _upscale(path: Path, generator: LoadedGenerator, **kwargs: object) -> FileResult:
-    return upscale_file(path, generator, max_output_pixels=1 << 26, tiling=Tiling(tile=64), device="cpu",  # type: ignore[arg-type]
-                        blur_sigma=0.6, **kwargs)  # type: ignore[arg-type]
+    upscaler = Upscaler(generator.module, generator.scale, tiling=Tiling(tile=64), device="cpu", score_blur_sigma=0.6)
+    return upscale_file(path, generator, upscaler, max_output_pixels=1 << 26, **kwargs)  # type: ignore[arg-type]
 
 
 def _blocks(result: np.ndarray, scale: int = 2) -> np.ndarray:

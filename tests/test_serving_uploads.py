@@ -17,7 +17,8 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from medsr.data.sample_files import sample_file
 from medsr.data.writing import write_dicom
-from medsr.inference import LoadedGenerator, Tiling
+from medsr.inference import Tiling, Upscaler
+from medsr.tracking import LoadedGenerator
 from medsr.models import build_generator
 from serving.errors import INPUT_ERROR_STATUS
 from serving.uploads import InputError, read_upload, upscale_file
@@ -41,8 +42,8 @@ def bicubic_x4() -> LoadedGenerator:
 
 
 def _upscale(path: Path, generator: LoadedGenerator, **kwargs: object):
-    return upscale_file(path, generator, max_output_pixels=BIG, tiling=Tiling(tile=64), device="cpu",  # type: ignore[arg-type]
-                        blur_sigma=0.6, **kwargs)  # type: ignore[arg-type]
+    upscaler = Upscaler(generator.module, generator.scale, tiling=Tiling(tile=64), device="cpu", score_blur_sigma=0.6)
+    return upscale_file(path, generator, upscaler, max_output_pixels=BIG, **kwargs)  # type: ignore[arg-type]
 
 
 def _mr_dicom(path: Path, pixels: np.ndarray, *, position: list[float], orientation: list[float],
@@ -196,3 +197,66 @@ def test_undecodable_jpeg_does_not_ask_to_install_installed_plugins(tmp_path: Pa
     with pytest.raises(InputError) as caught:
         read_upload(path, scale=4, max_output_pixels=BIG)
     assert "pip install" not in caught.value.fix and "installed" in caught.value.fix
+
+
+# ------------------------------------------------------------------------- /demo is /upscale
+
+
+def _ramp_png(path: Path, shape: tuple[int, int] = (40, 36)) -> Path:
+    """A smooth 16-bit PNG over the whole 0..65535 range (its values map 1:1 to the contract's [0, 1];
+    noise-free, so the consistency step runs at full weight)."""
+    y, x = np.mgrid[0:shape[0], 0:shape[1]]
+    pixels = 0.5 + 0.5 * np.sin(x / 3.0) * np.cos(y / 5.0)
+    pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min())
+    Image.fromarray(np.rint(pixels * 65535).astype(np.uint16)).save(path)
+    return path
+
+
+def test_the_web_page_shows_the_pixels_and_scores_that_upscale_returns(tmp_path: Path) -> None:
+    """The same input and settings through side_by_side (/demo) and upscale_file (/upscale), with the
+    consistency step on: the same output pixels and the same consistency score."""
+    from medsr.consistency import ConsistencySettings
+    from serving.web import side_by_side
+
+    torch.manual_seed(3)
+    module = build_generator("espcn", 4).eval()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)  # off its bicubic start: the step has work to do
+    generator = LoadedGenerator(module=module, scale=4, architecture="espcn", registered_name="medsr-x4",
+                                version="1", source="test")
+    settings = ConsistencySettings(steps=5, noise_threshold=0.005, noise_exponent=8.0)
+    upscaler = Upscaler(module, 4, consistency=settings, tiling=Tiling(tile=16), device="cpu", score_blur_sigma=0.6)
+    path = _ramp_png(tmp_path / "ramp.png")
+
+    served = upscale_file(path, generator, upscaler, max_output_pixels=BIG)
+    _, images, _ = read_upload(path, scale=1, max_output_pixels=BIG)
+    page = side_by_side(images[0].pixels, upscaler, noise_kind="none", noise_level=0.0, blur_sigma=0.0,
+                        known_original=False, max_side=512)
+
+    with Image.open(io.BytesIO(served.content)) as decoded:
+        served_pixels = np.asarray(decoded).astype(np.int64)
+    page_pixels = np.rint(page.sr[0].astype(np.float64) * 65535.0).astype(np.int64)
+    assert page.sr.shape[1:] == served_pixels.shape
+    assert np.abs(page_pixels - served_pixels).max() <= 1  # the codec's rounding, nothing else
+    assert page.consistency_psnr == served.consistency_psnr
+    raw = upscaler.network(images[0].pixels)
+    assert np.abs(raw - page.sr).max() > 1e-3  # the step changed the network's output, and both paths applied it
+
+
+@pytest.mark.parametrize(("code", "upload_modality", "evaluate_modality"),
+                         [("PT", "ct", "ct"), ("MR", "mri", "mri"), ("DX", "xray", "xray"), ("OT", "xray", None)])
+def test_one_dicom_modality_table_for_uploads_and_evaluate(tmp_path: Path, code: str, upload_modality: str,
+                                                           evaluate_modality: str | None) -> None:
+    """/upscale and `medsr evaluate` read the DICOM Modality through the same table; a code it does
+    not list is X-ray-like for an upload, and `medsr evaluate` asks for --modality."""
+    from medsr.evaluation import guess_modality
+
+    path = _mr_dicom(tmp_path / "slice.dcm", np.full((16, 16), 300, np.uint16), position=[0.0, 0.0, 0.0],
+                     orientation=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0], spacing=[1.0, 1.0], Modality=code)
+    assert read_upload(path, scale=4, max_output_pixels=BIG)[2] == upload_modality
+    if evaluate_modality is None:
+        with pytest.raises(ValueError, match="--modality"):
+            guess_modality(path, None)
+    else:
+        assert guess_modality(path, None) == evaluate_modality

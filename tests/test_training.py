@@ -14,7 +14,7 @@ from medsr.data import ContractError
 from medsr.data.pairing import training_recipe
 from medsr.data.pairs import PairItem, PairSet, write_pairs, write_tiles
 from medsr.losses import NO_PERCEPTUAL_NOTE
-from medsr.metrics import evaluate_pairs
+from medsr.inference import predict_image
 from medsr.models import build_generator
 from medsr.params import load_params
 from medsr.training import (
@@ -25,9 +25,9 @@ from medsr.training import (
     checkpoint_info,
     load_checkpoint,
     load_generator,
-    predict_image,
     train_generator,
 )
+from medsr.training.trainer import score_track
 
 
 TINY_SRGAN = {"model_options": {"n_feats": 8, "n_blocks": 1},
@@ -119,7 +119,7 @@ def test_espcn_learns_beyond_its_bicubic_start(pairs_root: Path, tmp_path: Path)
     result = train_generator(config(pairs_root, tmp_path / "run", steps=40, val_every=20, checkpoint_every=40))
     torch.manual_seed(7)
     untrained = build_generator("espcn", 2)
-    start = evaluate_pairs(lambda lr: predict_image(untrained, lr), PairSet(pairs_root / "val" / "x2" / "standard"))
+    start = score_track(lambda lr: predict_image(untrained, lr), PairSet(pairs_root / "val" / "x2" / "standard"))
     assert result.best_val_psnr > start["psnr"] + 0.3
     assert set(result.history[-1]["val_per_modality"]) == {"ct", "mri"}
     assert result.feature_loss_used == "not used (pixel loss only)"
@@ -143,7 +143,7 @@ def test_adversarial_run_warms_up_then_alternates_and_keeps_the_best(pairs_root:
     # best.pt really is the model that scored best_val_psnr, and says which phase it comes from.
     best = load_generator(result.best_checkpoint, "cpu")
     assert not best.training
-    rescored = evaluate_pairs(lambda lr: predict_image(best, lr), PairSet(pairs_root / "val" / "x2" / "standard"))
+    rescored = score_track(lambda lr: predict_image(best, lr), PairSet(pairs_root / "val" / "x2" / "standard"))
     assert rescored["psnr"] == pytest.approx(result.best_val_psnr, abs=1e-6)
     info = checkpoint_info(result.best_checkpoint)
     assert (info["step"], info["phase"]) == (result.best_step, result.best_phase)
@@ -302,7 +302,7 @@ def test_residual_cnn_trains_on_ssl_pairs_and_is_validated_lr_to_hr(tmp_path: Pa
                                     model_options={"n_feats": 8}))
     val = PairSet(root / "val" / "x2" / "standard")
     generator = load_generator(result.best_checkpoint)
-    rescored = evaluate_pairs(lambda lr: predict_image(generator, lr), val)
+    rescored = score_track(lambda lr: predict_image(generator, lr), val)
     assert rescored["psnr"] == pytest.approx(result.best_val_psnr, abs=1e-6)
     assert predict_image(generator, val.lr(0)).shape == val.hr(0).shape
 

@@ -24,6 +24,16 @@ import numpy as np
 
 MODALITIES: tuple[str, ...] = ("xray", "ct", "mri")
 
+MODALITY_OF_DICOM: dict[str, str] = {
+    "CR": "xray", "DX": "xray", "MG": "xray", "RF": "xray", "XA": "xray",  # projection radiography
+    "CT": "ct",
+    # PET is a reconstructed tomographic slice with Poisson counting noise: CT's model, not X-ray's.
+    "PT": "ct",
+    "MR": "mri",
+}
+"""DICOM Modality (0008,0060) -> one of :data:`MODALITIES`; a code not listed has no modality of
+its own (an upload then counts as X-ray-like, as a PNG does; ``medsr evaluate`` asks for one)."""
+
 
 @dataclass(frozen=True)
 class Window:

@@ -35,8 +35,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 PAIR_KINDS: tuple[str, ...] = ("standard", "blind", "ssl")
-# Evaluation tracks, written for val and test only: what a model is judged on.
-TRACKS: tuple[str, ...] = ("clean", "realistic")
+TRACKS = deg.TRACKS  # the evaluation tracks, written for val and test only: what a model is judged on
 EVAL_SPLITS: tuple[str, ...] = ("val", "test")
 
 

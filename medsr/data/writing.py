@@ -68,7 +68,8 @@ def final_units(image: MedImage, result: np.ndarray, raw: np.ndarray | None, sca
     """``result`` in original units, plus what the window clipped from the source (``raw``,
     the source frame in original units, ``(h, w)``; None when nothing can lie outside)."""
     import torch
-    import torch.nn.functional as F
+
+    from medsr.ops import bicubic_upsample
 
     units = units_of(image, result)
     if raw is None:
@@ -77,8 +78,8 @@ def final_units(image: MedImage, result: np.ndarray, raw: np.ndarray | None, sca
     if float(raw.min()) >= low and float(raw.max()) <= high:
         return units
     with torch.no_grad():
-        upsampled = F.interpolate(torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))[None, None],
-                                  scale_factor=float(scale), mode="bicubic", align_corners=False)[0, 0].numpy()
+        upsampled = bicubic_upsample(torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))[None, None],
+                                     scale)[0, 0].numpy()
     outside = upsampled - np.clip(upsampled, low, high)
     return units + outside
 

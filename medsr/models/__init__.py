@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from medsr.models.architectures import ARCHITECTURES, ModelSpec, TrainingPairs, register_architecture
-from medsr.models.blocks import SRGenerator, bicubic_upsample
+from medsr.models.blocks import SRGenerator
 from medsr.scale import check_scale
 
 # Import every module of the package: each model's file registers it (the decorator runs at import).
@@ -72,7 +72,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
-    "ARCHITECTURES", "ModelSpec", "SRGenerator", "TrainingPairs", "bicubic_upsample", "build_discriminator",
+    "ARCHITECTURES", "ModelSpec", "SRGenerator", "TrainingPairs", "build_discriminator",
     "build_generator", "check_scale", "count_parameters", "curriculum_stage", "model_names", "model_spec",
     "register_architecture",
 ]

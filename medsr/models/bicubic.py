@@ -5,7 +5,7 @@ Seed: none of its own; every seed compares against bicubic (``espcn-brain-mri.md
 Interpolation for Digital Image Processing", IEEE TASSP 1981 (``F.interpolate`` bicubic,
 a = -0.75, align_corners=False).
 
-It is the same operator (``blocks.bicubic_upsample``) that the learned generators use as their
+It is the same operator (:func:`medsr.ops.bicubic_upsample`) that the learned generators use as their
 global skip and that the residual CNN refines, so a model's gain over this baseline is exactly
 what its learned branch adds. Unclamped in training mode (it overshoots by a few percent at
 sharp edges), clamped to [0, 1] in eval mode like every generator. It has no parameters: the
@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from medsr.models.architectures import register_architecture
-from medsr.models.blocks import SRGenerator, bicubic_upsample
+from medsr.models.blocks import SRGenerator
+from medsr.ops import bicubic_upsample
 
 
 @register_architecture("bicubic", trained=False,

@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from medsr.models.architectures import register_architecture
-from medsr.models.blocks import (SRGenerator, bicubic_resize, bicubic_upsample, conv2d, shrink_init_,
-                                 spectral_conv2d, spectral_linear)
+from medsr.models.blocks import SRGenerator, conv2d, shrink_init_, spectral_conv2d, spectral_linear
+from medsr.ops import bicubic_resize, bicubic_upsample
 
 # Small variant for the embedded sample data and fast tests.
 SAMPLE_OPTIONS: dict[str, int] = {"n_groups": 2, "n_blocks": 2, "n_feats": 32}

@@ -30,27 +30,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from medsr.scale import check_scale
-
-
-def bicubic_upsample(x: torch.Tensor, scale: int) -> torch.Tensor:
-    """Bicubic upsampling by an integer factor: ``(N, C, h, w) -> (N, C, h*scale, w*scale)``.
-
-    The one bicubic operator of the code base: the ``bicubic`` baseline, the global skip of
-    every generator and the residual CNN all call it, so "better than bicubic" compares
-    against exactly the image the networks start from. ``align_corners=False`` treats pixels
-    as areas (pixel-centre convention), which is what integer-factor SR pairs assume.
-    """
-    return F.interpolate(x, scale_factor=float(scale), mode="bicubic", align_corners=False)
-
-
-def bicubic_resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bicubic resize to an explicit ``(H, W)``; used where the target shape is known."""
-    return F.interpolate(x, size=(int(size[0]), int(size[1])), mode="bicubic", align_corners=False)
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:

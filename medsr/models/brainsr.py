@@ -45,7 +45,8 @@ from torch import nn
 
 from medsr.models.architectures import register_architecture
 from medsr.models.blocks import (ConvBlock, GlobalPoolClassifier, PixelShuffleUpsampler, ResidualBlock, SRGenerator,
-                                 bicubic_resize, bicubic_upsample, check_scale, conv2d, shrink_init_)
+                                 check_scale, conv2d, shrink_init_)
+from medsr.ops import bicubic_resize, bicubic_upsample
 
 DISCRIMINATOR_FEATURES: tuple[int, ...] = (64, 64, 128, 128, 256, 256, 512, 512, 512)
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from medsr.models.architectures import register_architecture
-from medsr.models.blocks import SRGenerator, bicubic_upsample, conv2d, shrink_init_
+from medsr.models.blocks import SRGenerator, conv2d, shrink_init_
+from medsr.ops import bicubic_upsample
 
 
 @register_architecture(

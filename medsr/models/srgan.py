@@ -32,7 +32,8 @@ from torch import nn
 
 from medsr.models.architectures import register_architecture
 from medsr.models.blocks import (ConvBlock, GlobalPoolClassifier, PixelShuffleUpsampler, ResidualBlock, SRGenerator,
-                                 bicubic_upsample, make_conv, shrink_init_)
+                                 make_conv, shrink_init_)
+from medsr.ops import bicubic_upsample
 
 DISCRIMINATOR_FEATURES: tuple[int, ...] = (64, 64, 128, 128, 256, 256, 512, 512)
 

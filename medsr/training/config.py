@@ -12,7 +12,7 @@ Expected layout of the ``train`` section (every key optional; defaults are the d
       feature_weights: null    # VGG19 state_dict file; null -> feature matching
       device: auto
       num_workers: 2
-      nproc: 1               # data-parallel ranks through torchrun (medsr.training.distributed)
+      nproc: 1               # data-parallel ranks through torchrun (medsr.training.launch)
       profiles:
         smoke: {steps: 200, batch_size: 8, lr_patch: 24, val_every: 50, checkpoint_every: 50}
         full:  {steps: 20000, batch_size: 16, lr_patch: 48, val_every: 1000, checkpoint_every: 1000}
@@ -99,7 +99,7 @@ class TrainConfig:
     # The published checkpoint to start from ({file, url, sha256, licence, source}; medsr.pretrained),
     # fetched into pretrained/ by the `pretrained` stage; None: a fresh initialisation.
     init: dict[str, Any] | None = None
-    # Data-parallel ranks (torchrun, medsr.training.distributed); the global batch stays batch_size,
+    # Data-parallel ranks (torchrun, medsr.training.launch); the global batch stays batch_size,
     # each rank trains on batch_size / nproc of it. Not part of what a run computes: see stage.config_digest.
     nproc: int = 1
     resume: bool = True  # continue from out_dir/last.pt when it exists

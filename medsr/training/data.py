@@ -14,7 +14,7 @@ A batch is ``{"lr": (B, 1, p, p), "hr": (B, 1, p*s, p*s), "step": k, "scale": s,
 steps) and mixes standard and blind pairs with probability ``degradation_strength`` times the
 config's ``blind_fraction``.
 
-Data-parallel ranks (:mod:`medsr.training.distributed`) each take a contiguous slice of every
+Data-parallel ranks (:mod:`medsr.training.dist`) each take a contiguous slice of every
 batch, ``batch_size / world_size`` patches: the global batch of step ``k`` is the same whatever
 the number of ranks.
 """
@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from medsr.data.pairing import TRAIN_TILES, degrade_training_patch, patch_unit
 from medsr.data.pairs import TileSet
-from medsr.degradations import degrade_bicubic, rng_for
+from medsr.degradations import TRACKS, degrade_bicubic, rng_for
 from medsr.models.architectures import Curriculum
 
 
@@ -46,7 +46,6 @@ def tile_set_path(pairs_root: str | Path) -> Path:
     return Path(pairs_root) / "train" / TRAIN_TILES
 
 
-EVALUATION_TRACKS: tuple[str, ...] = ("clean", "realistic")
 FIDELITY_TRACK = "clean"  # the track whose PSNR must beat bicubic's for an adversarial checkpoint
 
 
@@ -54,7 +53,7 @@ def validation_tracks(pairs_root: str | Path, scale: int, split: str = "val") ->
     """The evaluation tracks of ``split``: ``clean`` (antialiased bicubic only) and ``realistic``
     (blur + modality noise) when the degrade stage wrote both, else ``standard`` alone (a pair
     root from before the tracks existed)."""
-    tracks = {track: pair_set_path(pairs_root, split, scale, track) for track in EVALUATION_TRACKS}
+    tracks = {track: pair_set_path(pairs_root, split, scale, track) for track in TRACKS}
     if all((folder / "index.json").is_file() for folder in tracks.values()):
         return tracks
     return {"standard": pair_set_path(pairs_root, split, scale, "standard")}

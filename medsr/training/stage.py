@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -166,11 +167,12 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
     only when its config, data and code are unchanged.
 
     ``train.nproc`` > 1 runs the same function on that many torchrun ranks
-    (:mod:`medsr.training.distributed`); rank 0 alone prepares the output folder, tracks the run in
+    (:mod:`medsr.training.launch`); rank 0 alone prepares the output folder, tracks the run in
     MLflow and writes the metrics, which this process then reads back.
     """
     from medsr.models import model_names
-    from medsr.training import TrainConfig, distributed
+    from medsr.training import dist, launch
+    from medsr.training.config import TrainConfig
     from medsr.training.tracked import train_tracked
     from medsr.training.trainer import train_generator
 
@@ -184,20 +186,20 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
     first = TrainConfig.from_params(params, model, scales[0], profile=profile) if scales else None
     nproc = first.nproc if first is not None else 1
     metrics_file = METRICS_DIR / "train" / f"{model}.json"
-    if nproc > 1 and not distributed.launched():
+    if nproc > 1 and not dist.launched():
         metrics_file.unlink(missing_ok=True)  # so a failed job cannot pass off an older summary as its own
-        status = distributed.launch(params, model, nproc, profile=profile)
+        status = launch.launch(params, model, nproc, profile=profile)
         if status != 0 or not metrics_file.is_file():
             raise StageFailed(f"torchrun with {nproc} ranks exited with status {status}; see the ranks' output above")
         return json.loads(metrics_file.read_text())
 
-    ctx = distributed.init(first.device if first is not None else "auto")
+    ctx = dist.init(first.device if first is not None else "auto")
     results: dict[str, Any] = {}
     for scale in scales:
         config = TrainConfig.from_params(params, model, scale, profile=profile)
         # Rank 0 alone clears or keeps the folder; the others wait, then read the same checkpoint.
         inputs = prepare_out_dir(config) if ctx.is_main else None
-        distributed.barrier()
+        dist.barrier()
         if ctx.is_main:
             assert inputs is not None
             results[f"x{scale}"] = train_tracked(config, params, extra_tags={
@@ -209,3 +211,28 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
     if ctx.is_main:
         write_json(metrics_file, summary)
     return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a torchrun job (:mod:`medsr.training.launch`): the train stage of one model,
+    then leave the group."""
+    import argparse
+
+    from medsr.stage_entry import run_stage
+    from medsr.training import dist
+
+    parser = argparse.ArgumentParser(prog="python -m medsr.training.stage",
+                                     description="One torchrun rank of `medsr train` (see medsr.training.launch).")
+    parser.add_argument("model")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--profile", default=None)
+    args = parser.parse_args(argv)
+    try:
+        return run_stage("train", lambda params: train_stage(params, args.model, profile=args.profile),
+                         params_path=args.params)
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 
 from medsr.data.pairs import PairSet
+from medsr.inference import Upscaler
 from medsr.perceptual import PERCEPTUAL_METRIC
 from medsr.training.checkpoint import load_generator
 from medsr.training.config import TrainConfig
 from medsr.training.data import validation_tracks
-from medsr.training.trainer import predict_image, train_generator
+from medsr.training.trainer import train_generator
 
 
 def _metrics_of(entry: dict[str, Any]) -> dict[str, float]:
@@ -75,8 +76,9 @@ def train_tracked(config: TrainConfig, params: dict[str, Any], extra_tags: dict[
         generator = load_generator(result.best_checkpoint)
         val = PairSet(next(iter(validation_tracks(config.pairs_root, config.scale).values())))
         lr, hr = val.lr(0), val.hr(0)
-        bicubic = predict_image(build_generator("bicubic", config.scale), lr)
-        figure = tracking.comparison_figure(lr, bicubic, predict_image(generator, lr), hr,
+        bicubic = Upscaler(build_generator("bicubic", config.scale), config.scale).network(lr)
+        # The network alone, as validation scored it (the consistency step is not a training param).
+        figure = tracking.comparison_figure(lr, bicubic, Upscaler(generator, config.scale).network(lr), hr,
                                             f"{config.model} x{config.scale} ({val.pairs[0]['modality']}, val "
                                             f"{val.folder.name}, {result.best_phase} step {result.best_step})")
         mlflow.log_figure(figure, "comparison.png")

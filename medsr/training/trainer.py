@@ -24,7 +24,7 @@
   what is validated and kept, with the raw weights scored beside it.
 * Device: ``auto`` uses CUDA with float16 autocast and GradScaler when available, else CPU
   float32.
-* Data-parallel (``torchrun``, :mod:`medsr.training.distributed`): each rank trains on its shard
+* Data-parallel (``torchrun``, :mod:`medsr.training.dist`): each rank trains on its shard
   of every batch, both networks are wrapped in ``DistributedDataParallel`` (gradients averaged
   over the ranks; BatchNorm synchronised on CUDA only, per-rank statistics on CPU), logged losses
   are averaged over the ranks, and rank 0 alone validates and writes checkpoints; the others
@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from medsr.data.pairs import PairSet
+from medsr.inference import Upscaler, pick_device
 from medsr.losses import GeneratorLoss, discriminate_jointly, discriminator_adversarial_loss, recipe_config
 from medsr.metrics import psnr, ssim
 from medsr.models import build_discriminator, build_generator, model_spec
@@ -70,7 +71,7 @@ from medsr.training.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from medsr.training import distributed
+from medsr.training import dist
 from medsr.training.config import TrainConfig
 from medsr.training.data import FIDELITY_TRACK, PatchBatches, validation_tracks
 
@@ -144,7 +145,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def score_track(predict: Callable[[np.ndarray], np.ndarray], pairs: PairSet,
                 indices: Sequence[int] | None = None) -> dict[str, Any]:
     """PSNR, SSIM and MS-GMSD of ``predict`` on whole images of one pair set, overall and per
-    modality (means of per-image scores, border = scale, as :func:`medsr.metrics.evaluate_pairs`)."""
+    modality (means of per-image scores, border = scale: the definition of :mod:`medsr.metrics`)."""
     border = pairs.scale
     per_modality: dict[str, list[tuple[float, float, float]]] = {}
     for i in (range(len(pairs)) if indices is None else indices):
@@ -167,40 +168,9 @@ def score_track(predict: Callable[[np.ndarray], np.ndarray], pairs: PairSet,
     return overall
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
-    return device
-
-
 def _forward(generator: nn.Module, lr: Tensor, scale: int | None) -> Tensor:
     # Only multi-scale generators (BrainSR) take a scale argument; None means the target scale.
     return generator(lr) if scale is None else generator(lr, scale=scale)
-
-
-def predict_image(generator: nn.Module, lr: np.ndarray, device: str | torch.device | None = None) -> np.ndarray:
-    """Super-resolve one contract image ``(1, h, w)`` -> ``(1, H, W)`` float32 clamped to [0, 1].
-
-    The whole image goes through the network at once, in eval mode and float32.
-    """
-    if lr.ndim != 3 or lr.shape[0] != 1:
-        raise ValueError(f"expected one image of shape (1, h, w), got {lr.shape}")
-    if device is None:
-        first = next(generator.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    was_training = generator.training
-    generator.eval()
-    try:
-        with torch.inference_mode():
-            x = torch.from_numpy(np.array(lr, dtype=np.float32, copy=True))[None].to(device)
-            sr = generator(x).float().clamp_(0.0, 1.0)
-    finally:
-        generator.train(was_training)
-    return sr[0].cpu().numpy()
 
 
 def _set_requires_grad(module: nn.Module | None, flag: bool) -> None:
@@ -215,11 +185,11 @@ class _Run:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.spec = model_spec(config.model)
-        self.ctx = distributed.context()
+        self.ctx = dist.context()
         if config.batch_size % self.ctx.world_size:
             raise ValueError(f"train.batch_size ({config.batch_size}) must divide by the {self.ctx.world_size} ranks: "
                              "every rank trains on an equal shard of the global batch")
-        self.device = resolve_device(config.device)
+        self.device = pick_device(config.device)
         if self.device.type == "cuda" and self.ctx.distributed:
             self.device = torch.device("cuda", self.ctx.local_rank)  # one GPU per local rank
         self.use_amp = config.amp and self.device.type == "cuda"
@@ -418,7 +388,7 @@ class _Run:
     def _check_finite(self, terms: dict[str, Tensor]) -> dict[str, float]:
         # Mean over the ranks: each rank's terms are means over its equal shard, so this is the term
         # over the global batch, and a NaN on any rank stops every rank at the same step.
-        stacked = distributed.average(torch.stack([t.detach().float() for t in terms.values()]))
+        stacked = dist.average(torch.stack([t.detach().float() for t in terms.values()]))
         values = dict(zip(terms, stacked.tolist(), strict=True))
         for name, value in values.items():
             if not math.isfinite(value):
@@ -498,8 +468,9 @@ class _Run:
         was_training = generator.training
         generator.eval()
         try:
-            return {track: score_track(lambda lr: predict_image(generator, lr, self.device), pairs,
-                                       self.val_indices[track])
+            # The network alone, whole images: the selection criterion stays the raw network's.
+            upscaler = Upscaler(generator, self.config.scale, device=self.device)
+            return {track: score_track(upscaler.network, pairs, self.val_indices[track])
                     for track, pairs in self.val_sets.items()}
         finally:
             generator.train(was_training)
@@ -591,14 +562,14 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
     main = run.ctx.is_main
     # Rank 0's view of the folder decides for every rank (it alone deletes; the others must not
     # see a file vanish between their check and their read).
-    resuming = distributed.broadcast_value(bool(config.resume and run.last_path.exists()))
+    resuming = dist.broadcast_value(bool(config.resume and run.last_path.exists()))
     if resuming:
         run.resume()
     elif main:
         # A fresh run must not inherit another run's kept models, nor be resumed from its state.
         for name in (*KEPT.values(), LAST_NAME):
             (run.out_dir / name).unlink(missing_ok=True)
-    distributed.barrier()
+    dist.barrier()
     run.wrap()
     start = run.step
     stop = config.steps if max_steps_this_run is None else min(config.steps, start + max_steps_this_run)
@@ -646,7 +617,7 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
                         patience = config.early_stopping_patience
                         if patience is not None and run.bad_validations >= patience and not final:
                             run.stopped_early = True
-                    run.stopped_early = distributed.broadcast_value(run.stopped_early)
+                    run.stopped_early = dist.broadcast_value(run.stopped_early)
                 if main and (final or run.stopped_early or run.step == stop or run.step % config.checkpoint_every == 0):
                     run.save_last()
                 if entry is not None and on_epoch is not None:
@@ -658,7 +629,7 @@ def train_generator(config: TrainConfig, *, on_epoch: Callable[[dict[str, Any]],
             _close(batches)
     if main and not run.last_path.exists():
         run.save_last()
-    distributed.barrier()  # every rank returns with rank 0's checkpoints on disk
+    dist.barrier()  # every rank returns with rank 0's checkpoints on disk
 
     best = run.best_record
     return TrainResult(

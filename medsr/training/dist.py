@@ -1,8 +1,8 @@
-"""Data-parallel training with PyTorch DDP, launched by ``torchrun``.
+"""The collectives of data-parallel training (PyTorch DDP): the leaf the trainer calls.
 
-``train.nproc: N`` (or ``medsr train <model> --nproc N``) makes the train stage start
-``torchrun --nproc_per_node N -m medsr.training.distributed <model> ...`` on this machine; each
-rank then runs the same train stage, which sees ``WORLD_SIZE`` and trains its shard:
+``train.nproc: N`` (or ``medsr train <model> --nproc N``) makes the train stage start N ranks
+through ``torchrun`` (:mod:`medsr.training.launch`); each rank runs the same train stage, which
+sees ``WORLD_SIZE`` and trains its shard:
 
 * every rank builds the batch of step ``k`` from ``(seed, k)`` as one process would and keeps
   its slice (``batch_size`` must divide by ``N``): the global batch and its content do not
@@ -18,22 +18,15 @@ rank then runs the same train stage, which sees ``WORLD_SIZE`` and trains its sh
 * ``nproc`` is not part of the training digest (:mod:`medsr.training.stage`), so a run killed on
   N ranks resumes on any number of ranks.
 
-The rendezvous binds to 127.0.0.1 (one machine); a multi-node run is a plain ``torchrun`` line
-with ``--nnodes``/``--rdzv-endpoint`` calling this module (README, "Scale out").
+This module imports torch and nothing of the project, so the trainer can depend on it without
+depending on the stage that launches ranks.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,57 +112,3 @@ def average(values: torch.Tensor) -> torch.Tensor:
     total = values.clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total / dist.get_world_size()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def torchrun_command(nproc: int, module_args: list[str], *, port: int | None = None) -> list[str]:
-    """The ``torchrun`` line that runs this module on ``nproc`` local ranks, rendezvous on 127.0.0.1."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
-            "-m", "medsr.training.distributed", *module_args]
-
-
-def launch(params: dict[str, Any], model: str, nproc: int, *, profile: str | None = None) -> int:
-    """Run the train stage of ``model`` on ``nproc`` local ranks through torchrun; returns its exit
-    status. ``params`` (as resolved by the caller, CLI overrides included) go to the ranks as a file."""
-    env = dict(os.environ)
-    # gloo picks a network interface from the host name; keep its sockets on the loopback device.
-    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    # `-m medsr.training.distributed` runs a module the package has already imported (the trainer
-    # uses it); runpy warns about that on every rank. Harmless here: main() keeps no module state.
-    quiet = "ignore:'medsr.training.distributed' found in sys.modules::runpy"
-    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), quiet]))
-    with tempfile.TemporaryDirectory(prefix="medsr-ddp-") as folder:
-        params_file = Path(folder) / "params.json"
-        params_file.write_text(json.dumps(params))
-        args = [model, "--params", str(params_file)] + (["--profile", profile] if profile else [])
-        return subprocess.run(torchrun_command(nproc, args), env=env, check=False).returncode
-
-
-def main(argv: list[str] | None = None) -> int:
-    """One rank of a torchrun job: the train stage of one model, then leave the group."""
-    from medsr.stage_entry import run_stage
-    from medsr.training.stage import train_stage
-
-    parser = argparse.ArgumentParser(prog="python -m medsr.training.distributed",
-                                     description="One torchrun rank of `medsr train` (see the module docstring).")
-    parser.add_argument("model")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--profile", default=None)
-    args = parser.parse_args(argv)
-    try:
-        return run_stage("train", lambda params: train_stage(params, args.model, profile=args.profile),
-                         params_path=args.params)
-    finally:
-        shutdown()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
