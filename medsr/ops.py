@@ -54,11 +54,16 @@ def _check_sigma(sigma: float) -> float:
     return sigma
 
 
+def gaussian_radius(sigma: float, truncate: float = GAUSSIAN_TRUNCATE) -> int:
+    """Half-width in pixels of :func:`gaussian_blur`'s kernel: ``int(truncate * sigma + 0.5)`` (scipy's rule)."""
+    return int(truncate * _check_sigma(sigma) + 0.5)
+
+
 def gaussian_taps(sigma: float, truncate: float = GAUSSIAN_TRUNCATE) -> np.ndarray:
-    """The normalised 1-D kernel of :func:`gaussian_blur`: float64, ``2 * radius + 1`` taps with
-    ``radius = int(truncate * sigma + 0.5)`` (scipy's rule)."""
+    """The normalised 1-D kernel of :func:`gaussian_blur`: float64, ``2 * radius + 1`` taps
+    (:func:`gaussian_radius`)."""
     sigma = _check_sigma(sigma)
-    radius = int(truncate * sigma + 0.5)
+    radius = gaussian_radius(sigma, truncate)
     taps = np.arange(-radius, radius + 1, dtype=np.float64)
     kernel = np.exp(-0.5 * (taps / sigma) ** 2)
     return kernel / kernel.sum()

@@ -30,6 +30,7 @@ import numpy as np
 from medsr import degradations as deg
 from medsr.data import parallel
 from medsr.data.pairs import PairItem, write_pairs, write_tiles
+from medsr.ops import gaussian_radius
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -115,11 +116,6 @@ def training_recipe(params: Mapping[str, Any]) -> dict[str, Any]:
     return {key: params[key] for key in RECIPE_KEYS if key in params}
 
 
-def _blur_radius(sigma: float) -> int:
-    """The half-width scipy's gaussian_filter gives a blur of ``sigma`` (truncate 4)."""
-    return int(4.0 * sigma + 0.5)
-
-
 def patch_margin(kind: str, scale: int, recipe: Mapping[str, Any]) -> int:
     """Context around a training patch, in pixels of its input (LR; VLR for ``ssl``), for the blur
     and the antialiased bicubic (2 output pixels either side) to see what a whole-tile degradation
@@ -127,14 +123,14 @@ def patch_margin(kind: str, scale: int, recipe: Mapping[str, Any]) -> int:
     border effects (reflect padding) out of the patch."""
     spread = recipe.get("train_range") or {}
     sigma = float(max(spread.get("blur_sigma", [recipe.get("blur_sigma", 0.0)])))
-    standard_hr = _blur_radius(sigma) + 2 * scale
+    standard_hr = gaussian_radius(sigma) + 2 * scale
     if kind == "standard":
         return -(-standard_hr // scale)
     if kind == "ssl":  # HR -> LR (margin in LR px), then the same operator LR -> VLR
         return -(-(-(-standard_hr // scale) + standard_hr) // scale)
     if kind == "blind":
         blind = recipe["blind"]
-        reach = 2 * _blur_radius(float(max(blind["blur_sigma"])) * float(max(blind["resize_factor"]))) + 8 + 2 * scale
+        reach = 2 * gaussian_radius(float(max(blind["blur_sigma"])) * float(max(blind["resize_factor"]))) + 8 + 2 * scale
         return -(-reach // scale)
     raise ValueError(f"unknown training kind {kind!r}; known: {', '.join(PAIR_KINDS)}")
 
