@@ -108,8 +108,19 @@ def gaussian_blur_torch(x: torch.Tensor, sigma: float) -> torch.Tensor:
     batch = x.reshape(-1, 1, height, width)
     rows = torch.from_numpy(reflect_indices(height, radius)).to(x.device)
     cols = torch.from_numpy(reflect_indices(width, radius)).to(x.device)
-    padded = batch.index_select(-2, rows).index_select(-1, cols)
-    out = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+    # Weighted sums of shifted views, one axis at a time, accumulated in place: a few image-sized
+    # buffers. Two F.conv2d passes with 1 x k and k x 1 kernels took 4.8 GiB above the input on the
+    # CPU for one 8192^2 image (the consistency score of a 2k X-ray at x4), this 0.5 GiB.
+    padded = batch.index_select(-1, cols)
+    across = padded[..., 0:width] * kernel[0]
+    for tap in range(1, kernel.numel()):
+        across.add_(padded[..., tap:tap + width], alpha=float(kernel[tap]))
+    del padded
+    padded = across.index_select(-2, rows)
+    del across
+    out = padded[..., 0:height, :] * kernel[0]
+    for tap in range(1, kernel.numel()):
+        out.add_(padded[..., tap:tap + height, :], alpha=float(kernel[tap]))
     return out.reshape(x.shape)
 
 
