@@ -143,19 +143,31 @@ def print_results() -> None:
 
 
 @app.command()
-def report(out: Path = typer.Option(Path("docs/results.md"), "--out", help="Markdown file to write.")) -> None:
-    """Write the results tables (test and validation, both numbers per model) from metrics/benchmark.json."""
+def report(out: Path = typer.Option(Path("docs/results.md"), "--out", help="Markdown file to write."),
+           readme: Path = typer.Option(Path("README.md"), "--readme",
+                                       help="README whose results block is rewritten (the lines between its markers).")) -> None:
+    """Write the results tables (test and validation, both numbers per model) from metrics/benchmark.json,
+    and the per-model summary into the README's results block."""
     from medsr.atomic import atomic_path
-    from medsr.reporting import results_document
+    from medsr.reporting import results_document, with_readme_results
 
     benchmark_report = _read_metrics("benchmark")
     if not benchmark_report:
         err_console.print("medsr report: metrics/benchmark.json is missing: run `dvc repro` (or `make run`) first")
         raise typer.Exit(1)
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        updated = with_readme_results(readme.read_text(), benchmark_report) if readme.is_file() else None
+    except ValueError as err:
+        err_console.print(f"medsr report: {readme}: {err}")
+        raise typer.Exit(1) from None
     with atomic_path(out, suffix=".md") as tmp:
         tmp.write_text(results_document(benchmark_report))
     console.print(f"report: written {out}")
+    if updated is not None:
+        with atomic_path(readme, suffix=".md") as tmp:
+            tmp.write_text(updated)
+        console.print(f"report: results block of {readme} updated")
 
 
 @app.command()

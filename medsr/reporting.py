@@ -176,6 +176,39 @@ def results_document(report: Mapping[str, Any]) -> str:
             + markdown(results_tables(report, "val")))
 
 
+README_BEGIN = "<!-- results: written by `medsr report`; edits between these lines are replaced -->"
+README_END = "<!-- /results -->"
+
+
+def readme_table(checks: Sequence[LearningCheck]) -> ResultsTable:
+    """Per model and scale: the size the profile trained, the network's own validation mean gain and,
+    per track, the system's mean beside ``bicubic+consistency``'s: the README's results table."""
+    tracks = list(checks[0].system_mean_db) if checks else []
+    rows = [[f"{c.model} x{c.scale}", c.size, _params(c.params), f"{c.network_mean_db:+.2f}",
+             *(f"{c.system_mean_db[t]:+.2f} / {c.baseline_mean_db[t]:+.2f}" for t in tracks),
+             "yes" if c.learned and c.beats_baseline else "no"] for c in checks]
+    return ResultsTable(
+        title="validation, mean gain over bicubic across modalities (dB): the network alone; per track, "
+              "with the consistency step / bicubic+consistency",
+        columns=["model", "size trained", "params", "alone", *(f"{t}: system / b+c" for t in tracks), "earns its row"],
+        rows=rows)
+
+
+def with_readme_results(readme: str, report: Mapping[str, Any]) -> str:
+    """``readme`` with the text between :data:`README_BEGIN` and :data:`README_END` replaced by
+    :func:`readme_table` of ``report``.
+
+    Raises ValueError when the markers are missing or out of order (the README was edited by hand:
+    the fix is to put both lines back where the table belongs).
+    """
+    start, end = readme.find(README_BEGIN), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"no results block: the README needs the lines {README_BEGIN!r} and {README_END!r}, "
+                         "in that order, where the table goes")
+    table = markdown([readme_table(learning_checks(report))])
+    return readme[:start + len(README_BEGIN)] + "\n" + table + readme[end:]
+
+
 def evaluation_tables(report: Mapping[str, Any]) -> list[Table]:
     """The per-image table and the per-track, per-modality means of a
     :func:`medsr.evaluation.evaluate_folder` report (``medsr evaluate``, ``medsr registry review``)."""

@@ -91,3 +91,41 @@ def test_results_document_has_the_learning_check_and_both_splits() -> None:
     assert text.startswith("# Results") and "## Test split" in text and "## Validation split" in text
     assert "| srgan x4 | +0.01 | +0.40/+0.40 | +0.00/+0.00 | yes | no |" in text
     assert "| srgan x4 | n_blocks 4, n_feats 32 | 163k |" in text
+
+
+def test_report_rewrites_only_the_readme_results_block_and_keeps_it_single(tmp_path: Any) -> None:
+    from medsr.reporting import README_BEGIN, README_END, with_readme_results
+
+    readme = f"# MedSR\n\nintro\n\n{README_BEGIN}\nstale table\n{README_END}\n\n## After\ntext\n"
+    once = with_readme_results(readme, _report())
+    twice = with_readme_results(once, _report())
+    assert once == twice  # rerunning the report does not grow the README
+    assert "stale table" not in once
+    assert once.startswith("# MedSR\n\nintro\n\n") and once.endswith(f"{README_END}\n\n## After\ntext\n")
+    block = once[once.index(README_BEGIN):once.index(README_END)]
+    assert block.count("| srgan x4 | n_blocks 4, n_feats 32 | 163k |") == 1
+    srgan = next(line for line in block.splitlines() if line.startswith("| srgan x4"))
+    espcn = next(line for line in block.splitlines() if line.startswith("| espcn x4"))
+    # srgan's gain is the step's alone: same as the baseline on each track, so it does not earn its row.
+    assert srgan.endswith("| +0.01 | +0.40 / +0.40 | +0.00 / +0.00 | no |"), srgan
+    assert espcn.endswith("| yes |"), espcn
+
+
+def test_report_refuses_a_readme_without_its_markers() -> None:
+    import pytest
+
+    from medsr.reporting import README_BEGIN, README_END, with_readme_results
+
+    for broken in ("# MedSR\n", f"{README_END}\n{README_BEGIN}\n"):
+        with pytest.raises(ValueError, match="results block"):
+            with_readme_results(broken, _report())
+
+
+def test_the_committed_readme_has_one_results_block() -> None:
+    from pathlib import Path
+
+    from medsr.reporting import README_BEGIN, README_END
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert text.count(README_BEGIN) == 1 and text.count(README_END) == 1
+    assert text.index(README_BEGIN) < text.index(README_END)
