@@ -24,7 +24,7 @@ import numpy as np
 
 from medsr import degradations as deg
 from medsr.data.pairing import track_lr
-from medsr.metrics import FOREGROUND_MODALITIES, foreground_mask, psnr, psnr_in_mask, ssim_with_foreground
+from medsr.metrics import score_image
 
 REFERENCE = "bicubic"
 ALL = "all"
@@ -40,14 +40,6 @@ class HeldOutImage:
     track: str
     hr: np.ndarray  # (1, H, W), H and W multiples of the scale
     lr: np.ndarray  # (1, H/scale, W/scale)
-
-
-def score_image(sr: np.ndarray, hr: np.ndarray, *, scale: int, modality: str) -> dict[str, float]:
-    """PSNR/SSIM of one prediction, plus foreground PSNR/SSIM for CT and MRI (NaN where no mask)."""
-    mask = foreground_mask(hr, border=scale) if modality in FOREGROUND_MODALITIES else None
-    whole, inside = ssim_with_foreground(sr, hr, mask, border=scale)
-    return {"psnr": psnr(sr, hr, border=scale), "ssim": whole,
-            "psnr_fg": psnr_in_mask(sr, hr, mask, border=scale) if mask is not None else math.nan, "ssim_fg": inside}
 
 
 def evaluate_images(predict_all: Callable[[np.ndarray], Mapping[str, np.ndarray]], images: Iterable[HeldOutImage],

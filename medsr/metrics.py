@@ -17,6 +17,8 @@ JSON files and MLflow metrics stay finite (an image scoring the cap is an exact 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -114,3 +116,13 @@ def ssim_with_foreground(sr: np.ndarray, hr: np.ndarray, mask: np.ndarray | None
     inner = np.zeros_like(mask)
     inner[pad:-pad, pad:-pad] = mask[pad:-pad, pad:-pad]
     return float(mean), (float(ssim_map[inner].mean()) if inner.any() else float("nan"))
+
+
+def score_image(sr: np.ndarray, hr: np.ndarray, *, scale: int, modality: str) -> dict[str, float]:
+    """The scores of one prediction that every report averages (training validation, the benchmark,
+    ``medsr evaluate``, the registry): ``psnr`` and ``ssim`` with ``border = scale``, plus
+    ``psnr_fg``/``ssim_fg`` inside the foreground mask for CT and MRI (NaN where there is none)."""
+    mask = foreground_mask(hr, border=scale) if modality in FOREGROUND_MODALITIES else None
+    whole, inside = ssim_with_foreground(sr, hr, mask, border=scale)
+    return {"psnr": psnr(sr, hr, border=scale), "ssim": whole,
+            "psnr_fg": psnr_in_mask(sr, hr, mask, border=scale) if mask is not None else math.nan, "ssim_fg": inside}

@@ -133,6 +133,9 @@ class MedSR:
         torch.set_num_threads(self.threads.share())
         self.device = pick_device(DEVICE_ARGUMENT)
         self.tiling = Tiling.from_params(SERVING)
+        # The score re-degrades with the consistency step's own forward model, so the step and the score
+        # agree on what "consistent with the input" means (the realistic track's blur is only the demo's default).
+        self.score_blur_sigma = ConsistencySettings.from_params(CONFIG.consistency).blur_sigma
         self.blur_sigma = float(CONFIG.degrade["blur_sigma"])
         self.consistency = _consistency()
         self.champions: dict[int, LoadedGenerator] = {}
@@ -253,7 +256,7 @@ class MedSR:
     def upscaler(self, generator: LoadedGenerator) -> Upscaler:
         """The one way every endpoint turns ``generator``'s input into its output and score."""
         return Upscaler(generator.module, generator.scale, consistency=self.consistency,
-                        tiling=self.tiling_for(generator), device=self.device, score_blur_sigma=self.blur_sigma)
+                        tiling=self.tiling_for(generator), device=self.device, score_blur_sigma=self.score_blur_sigma)
 
     def describe(self) -> dict[str, Any]:
         """What GET /info reports."""
@@ -283,7 +286,7 @@ class MedSR:
                        "margin": "each model's receptive_radius"},
             "refine": self.consistency.enabled,
             "batching": BATCHING,
-            "consistency": {"blur_sigma": self.blur_sigma, "warning_db": float(SERVING["consistency_warning_db"])},
+            "consistency": {"blur_sigma": self.score_blur_sigma, "warning_db": float(SERVING["consistency_warning_db"])},
             "degradation": {"blur_sigma": self.blur_sigma, "noise": CONFIG.degrade.get("noise")},
             "samples": public_samples(),
         }

@@ -125,6 +125,29 @@ def test_score_track_averages_per_image_scores_per_modality(tmp_path) -> None:
     assert subset["psnr"] == pytest.approx(per_image[3][0])
 
 
+def test_training_validation_and_the_benchmark_score_an_image_the_same_way(tmp_path) -> None:
+    """Checkpoints are selected on score_track's numbers and judged on evaluate_images': one scoring function."""
+    from medsr.evaluation import HeldOutImage, evaluate_images, summarize
+
+    pairs = write_two_modality_pairs(tmp_path / "val")
+
+    def nearest(lr: np.ndarray) -> np.ndarray:
+        return F.interpolate(torch.from_numpy(np.array(lr))[None], scale_factor=2, mode="nearest")[0].numpy()
+
+    def bicubic(lr: np.ndarray) -> np.ndarray:
+        up = F.interpolate(torch.from_numpy(np.array(lr))[None], scale_factor=2, mode="bicubic", align_corners=False)
+        return up.clamp(0, 1)[0].numpy()
+
+    trained = score_track(nearest, pairs)
+    images = [HeldOutImage(key=p["id"], modality=p["modality"], source=p["id"], track="clean", hr=pairs.hr(i),
+                           lr=pairs.lr(i)) for i, p in enumerate(pairs.pairs)]
+    rows = summarize(evaluate_images(lambda lr: {"bicubic": bicubic(lr), "nearest": nearest(lr)}, images, 2))
+    for modality in ("ct", "mri"):
+        row = next(r for r in rows if r["model"] == "nearest" and r["modality"] == modality)
+        assert trained["per_modality"][modality]["psnr"] == pytest.approx(row["psnr"], abs=1e-4)
+        assert trained["per_modality"][modality]["ssim"] == pytest.approx(row["ssim"], abs=1e-4)
+
+
 def test_score_track_uses_the_scale_as_border_and_checks_shapes(tmp_path) -> None:
     pairs = write_two_modality_pairs(tmp_path / "val")
     hr_by_lr = {pairs.lr(i).tobytes(): pairs.hr(i) for i in range(len(pairs))}

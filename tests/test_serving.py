@@ -34,6 +34,7 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from medsr.consistency import consistency_psnr
 from medsr.data.sample_files import sample_file
 from serving import QUIET_ENV, REPO_ROOT, ServiceProcess, register_generator
 from serving.metrics import PHASES
@@ -425,6 +426,12 @@ def test_demo_and_upscale_return_the_same_pixels(client: httpx.Client, tmp_path:
     assert page_pixels.shape == served_pixels.shape == (160, 144)
     assert np.abs(page_pixels - served_pixels).max() <= 1  # the codecs' rounding, nothing else
     assert f"{body['consistency_psnr']:.3f}" == served.headers["x-medsr-consistency-psnr"]
+    # The score re-degrades with the consistency step's own forward model (params consistency.blur_sigma).
+    lr = (np.rint((wave - wave.min()) / np.ptp(wave) * 65535) / 65535.0).astype(np.float32)[None]
+    blur = float(yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["consistency"]["blur_sigma"])
+    expected = consistency_psnr((served_pixels / 65535.0).astype(np.float32)[None], lr, 4, blur)
+    assert float(served.headers["x-medsr-consistency-psnr"]) == pytest.approx(expected, abs=0.05)
+    assert client.get("/info").json()["consistency"]["blur_sigma"] == blur
 
 # -------------------------------------------------------------------------------- bad input
 

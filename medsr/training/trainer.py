@@ -55,7 +55,7 @@ from tqdm import tqdm
 from medsr.data.pairs import PairSet
 from medsr.inference import Upscaler, pick_device
 from medsr.losses import GeneratorLoss, discriminate_jointly, discriminator_adversarial_loss, recipe_config
-from medsr.metrics import psnr, ssim
+from medsr.metrics import score_image
 from medsr.models import build_discriminator, build_generator, model_spec
 from medsr.perceptual import PERCEPTUAL_METRIC, ms_gmsd
 from medsr.training.checkpoint import (
@@ -145,7 +145,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def score_track(predict: Callable[[np.ndarray], np.ndarray], pairs: PairSet,
                 indices: Sequence[int] | None = None) -> dict[str, Any]:
     """PSNR, SSIM and MS-GMSD of ``predict`` on whole images of one pair set, overall and per
-    modality (means of per-image scores, border = scale: the definition of :mod:`medsr.metrics`)."""
+    modality: the means of :func:`medsr.metrics.score_image`, the scores every report averages, plus MS-GMSD
+    (the adversarial checkpoints' criterion)."""
     border = pairs.scale
     per_modality: dict[str, list[tuple[float, float, float]]] = {}
     for i in (range(len(pairs)) if indices is None else indices):
@@ -153,7 +154,8 @@ def score_track(predict: Callable[[np.ndarray], np.ndarray], pairs: PairSet,
         sr = np.asarray(predict(pairs.lr(i)))
         if sr.shape != hr.shape:
             raise ValueError(f"pair {pairs.pairs[i]['id']}: prediction {sr.shape} does not match HR {hr.shape}")
-        scores = (psnr(sr, hr, border=border), ssim(sr, hr, border=border), ms_gmsd(sr, hr, border=border))
+        image = score_image(sr, hr, scale=border, modality=pairs.pairs[i]["modality"])
+        scores = (image["psnr"], image["ssim"], ms_gmsd(sr, hr, border=border))
         per_modality.setdefault(pairs.pairs[i]["modality"], []).append(scores)
     if not per_modality:
         raise ValueError(f"{pairs.folder}: no pairs to evaluate")
