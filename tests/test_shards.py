@@ -104,3 +104,33 @@ def test_the_same_files_give_the_same_shards(tmp_path: Path) -> None:
     for name in names:
         assert (tmp_path / "one" / "shards" / name).read_bytes() == (tmp_path / "two" / "shards" / name).read_bytes()
     assert (tmp_path / "one" / TABLE_NAME).read_bytes() == (tmp_path / "two" / TABLE_NAME).read_bytes()
+
+
+def test_reading_every_tile_once_keeps_memory_flat(tmp_path: Path) -> None:
+    """Validate and degrade read each tile once: their memory must not grow with the shards they read
+    (mapping them kept every page touched resident: 1.1 GB at 800 NIH-size images)."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs /proc (Linux) to read the peak RSS")
+    tile = np.random.default_rng(4).integers(0, 256, (1, 256, 256), dtype=np.uint8)
+    writer = ShardWriter(tmp_path, shard_bytes=32 << 20)
+    refs = [writer.append(tile) for _ in range(1024)]  # 64 MB in two shards
+    writer.close()
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's (pytest's) peak across exec.
+    script = f"""
+from pathlib import Path
+from medsr.data.shards import read_tile
+
+def peak_mb():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) // 1024
+
+before = peak_mb()
+for name, offset in {refs!r}:
+    read_tile({str(tmp_path)!r}, {{"array": name, "offset": offset, "height": 256, "width": 256}})
+print(peak_mb() - before)
+"""
+    grown_mb = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert grown_mb < 16, f"RSS grew {grown_mb} MB reading 64 MB of tiles once"

@@ -111,12 +111,34 @@ class ShardReader:
         return data[ref.offset:ref.offset + n].reshape(1, ref.height, ref.width)
 
 
-_READER = ShardReader()
+@lru_cache(maxsize=4096)
+def _layout(file: Path, identity: tuple[int, int, int]) -> tuple[np.dtype, int, int]:
+    """(dtype, where the samples start, how many) of a ``.npy`` file; ``identity`` (inode, size,
+    mtime) keys the cache, so a file replaced under the same name is read anew."""
+    with file.open("rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        if fortran and len(shape) > 1:
+            raise ValueError(f"{file}: a Fortran-ordered array; tiles are stored in C order")
+        return dtype, handle.tell(), int(np.prod(shape))
 
 
 def read_ref(ref: TileRef) -> np.ndarray:
-    """The contract pixels (float32 ``(1, H, W)``) of a stored tile."""
-    return decode(_READER.stored(ref))
+    """The contract pixels (float32 ``(1, H, W)``) of a stored tile.
+
+    Read with one positioned read, not through a memory map: a stage that reads every tile once
+    (validate, degrade) would otherwise keep every shard page it touched mapped, so its RSS would
+    grow with the data set (1.1 GB at 800 NIH-size images)."""
+    info = ref.file.stat()
+    dtype, start, count = _layout(ref.file, (info.st_ino, info.st_size, info.st_mtime_ns))
+    n = ref.height * ref.width
+    if ref.offset < 0 or ref.offset + n > count:
+        raise ValueError(f"{ref.file}: tile at {ref.offset} of {n} samples runs past the shard's {count}")
+    stored = np.fromfile(ref.file, dtype=dtype, count=n, offset=start + ref.offset * dtype.itemsize)
+    return decode(stored.reshape(1, ref.height, ref.width))
 
 
 def read_tile(root: str | Path, row: Any) -> np.ndarray:
