@@ -61,6 +61,8 @@ def encode(pixels: np.ndarray) -> np.ndarray:
     q8 = np.rint(clipped * 255.0).astype(np.uint8)
     if np.array_equal(decode(q8), pixels):
         return q8
+    # Exact for 16-bit sources; a quantisation for windowed and float ones: |decode(q) - x| is at
+    # most 0.5/65535 plus float32 rounding, within 1/65535 (tests/test_shards.py holds it to that).
     return np.rint(clipped.astype(np.float64) * 65535.0).astype(np.uint16)
 
 
