@@ -63,7 +63,14 @@ def main() -> None:
             result["loading"] = {"files": len(files), "images": len(images), "seconds": round(seconds, 3),
                                  "images_per_s": round(len(images) / seconds, 1), "megapixels_per_s": round(megapixels / seconds, 2)}
 
-            tiles = [np.load(p) for p in sorted(Path("data/interim/images").glob("*.npy"))]
+            import pandas as pd
+
+            from medsr.data.ingest import TABLE_NAME
+            from medsr.data.shards import read_tile
+
+            interim = Path("data/interim")
+            stored = pd.read_parquet(interim / TABLE_NAME).dropna(subset=["offset"])
+            tiles = [read_tile(interim, row) for row in stored.itertuples()]
             cfg = params["degrade"]
             for scale in cfg["scales"]:
                 rng = deg.rng_for(0, "bench")
@@ -123,7 +130,8 @@ def best_of_alternating(run: Callable[[int, Path], object], scratch: Path, prefi
 def parallel_degrade(cfg: dict, scratch: Path, n_images: int = 2000, side: int = 256, repeats: int = 2) -> dict:
     """Degrade throughput of build_pair_sets at 1 and 2 worker processes on the same synthetic images.
 
-    Every kind of the test split at x4. As in :func:`parallel_ingest`, runs alternate 1, 2, 1, 2 ...
+    The written evaluation tracks (``degrade.tracks``) of the test split at x4, from 8-bit tiles in
+    one shard as ingest stores them (training pairs are degraded as training draws them). As in :func:`parallel_ingest`, runs alternate 1, 2, 1, 2 ...
     and the best of ``repeats`` counts; ``cpu_seconds`` covers this process and its workers. Checks
     that every run wrote the same bytes. ``worker_start_seconds``: how long a fresh pool of 2 workers
     takes to answer (each imports torch), a fixed cost inside the 2-worker time: 2,000 images keep it
@@ -133,6 +141,7 @@ def parallel_degrade(cfg: dict, scratch: Path, n_images: int = 2000, side: int =
     from scipy.ndimage import gaussian_filter
 
     from medsr.data.pairing import build_pair_sets, parallel_mapper
+    from medsr.data.shards import ShardWriter, encode
 
     start = time.perf_counter()
     with parallel_mapper(2) as mapper:
@@ -141,19 +150,24 @@ def parallel_degrade(cfg: dict, scratch: Path, n_images: int = 2000, side: int =
     scratch.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     base = [np.clip(gaussian_filter(rng.random((side, side)), 2.0) * 3 - 1, 0, 1).astype(np.float32)[None] for _ in range(8)]
+    base = [(np.rint(b * 255) / 255).astype(np.float32) for b in base]  # 8-bit images, as NIH's
     rows = []
+    shards = ShardWriter(scratch)
     for i in range(n_images):
-        np.save(scratch / f"{i}.npy", np.roll(base[i % 8], i, axis=2))
-        rows.append({"id": f"xray-{i:05d}", "modality": "xray", "array": f"{i}.npy", "split": "test"})
+        array, offset = shards.append(encode(np.roll(base[i % 8], i, axis=2)))
+        rows.append({"id": f"xray-{i:05d}", "modality": "xray", "array": array, "offset": offset,
+                     "height": side, "width": side, "split": "test"})
+    shards.close()
     table = pd.DataFrame(rows)
-    params = {**cfg, "scales": [4], "ssl": False, "blind": cfg["blind"]}
-    out: dict = {"images": n_images, "side": side, "scale": 4, "kinds": ["standard", "blind", "clean", "realistic"],
+    params = {**cfg, "scales": [4]}
+    tracks = list(params.get("tracks", ["clean", "realistic"]))
+    out: dict = {"images": n_images, "side": side, "scale": 4, "kinds": tracks,
                  "repeats": repeats, "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     best, identical, _ = best_of_alternating(
         lambda workers, folder: build_pair_sets(table, scratch, folder, params, workers=workers), scratch, "pairs", repeats)
     for workers, (seconds, cpu_seconds) in best.items():
         out[f"workers_{workers}"] = {"seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
-                                     "pairs_per_s": round(4 * n_images / seconds, 1)}
+                                     "pairs_per_s": round(len(tracks) * n_images / seconds, 1)}
     out["worker_start_seconds"] = round(worker_start, 2)
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     out["speedup_2_workers"] = round(out["workers_1"]["seconds"] / out["workers_2"]["seconds"], 2)
@@ -162,7 +176,7 @@ def parallel_degrade(cfg: dict, scratch: Path, n_images: int = 2000, side: int =
 
 
 def parallel_ingest(data: dict, scratch: Path, n_files: int = 1200, side: int = 512, repeats: int = 2) -> dict:
-    """Ingest throughput (decode, window, tile, write) at 1 and 2 worker processes on the same files.
+    """Ingest throughput (decode, window, tile, store in shards) at 1 and 2 worker processes on the same files.
 
     ``n_files`` synthetic 16-bit PNG radiographs, each cut into (side/tile_size)^2 tiles. Runs
     alternate 1, 2, 1, 2 ... and the best of ``repeats`` counts, so a burst of load from other jobs

@@ -351,14 +351,15 @@ def _flat_pairs(tmp_path, kind: str, params: dict[str, object], n: int = 2, side
                 value: float = 0.5):
     import pandas as pd
 
-    from medsr.data.pairing import _pairs
+    from medsr.data.pairing import PairSource, make_pair
 
     rows = []
     for i in range(n):
         name = f"img{i}.npy"
         np.save(tmp_path / name, np.full((1, side, side), value, np.float32))
         rows.append({"id": f"xray-{i:04d}", "modality": "xray", "array": name, "split": "test"})
-    return list(_pairs(pd.DataFrame(rows), tmp_path, 4, kind, params))
+    return [make_pair(PairSource.of_row(tmp_path, row), scale=4, kind=kind, params=params)
+            for row in pd.DataFrame(rows).itertuples()]
 
 
 def test_two_images_get_independent_noise(tmp_path) -> None:

@@ -16,6 +16,7 @@ from medsr.params import load_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"xray": "sample", "ct": "sample", "mri": "sample"}
+SHARD_BYTES = 1 << 20  # small shards, so that tiles from several files, and workers, fill each one
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -37,6 +38,8 @@ def raw(sample_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(24):
         side = 96 + 16 * (i % 3)
         Image.fromarray((rng.random((side, side + 8)) * 65535).astype(np.uint16)).save(xray / f"synthetic-{i:02d}.png")
+    for i in range(4):  # 8-bit images: their tiles go to uint8 shards
+        Image.fromarray((rng.random((300, 280)) * 255).astype(np.uint8)).save(xray / f"synthetic-8bit-{i}.png")
     (xray / "broken.png").write_bytes(b"not a png")
     (xray / "patients.csv").write_text("path,patient_id\nsynthetic-00.png,P1\nsynthetic-01.png,P1\n")
     return root
@@ -50,15 +53,17 @@ def options() -> IngestOptions:
 @pytest.fixture(scope="module")
 def one_worker(raw: Path, options: IngestOptions, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("one") / "interim"
-    ingest(raw, out, options, SOURCES, workers=1)
+    ingest(raw, out, options, SOURCES, workers=1, shard_bytes=SHARD_BYTES)
     return out
 
 
 def test_one_and_two_workers_write_identical_interim(raw: Path, options: IngestOptions, one_worker: Path,
                                                      tmp_path: Path) -> None:
-    ingest(raw, tmp_path / "interim", options, SOURCES, workers=2)
+    ingest(raw, tmp_path / "interim", options, SOURCES, workers=2, shard_bytes=SHARD_BYTES)
     digests = _digests(one_worker)
-    assert len(digests) > 40 and TABLE_NAME in digests
+    shards = [name for name in digests if name.startswith("shards/")]
+    assert TABLE_NAME in digests and len(shards) == len(digests) - 1
+    assert any(name.startswith("shards/u8-") for name in shards) and "shards/u16-00002.npy" in shards
     assert digests == _digests(tmp_path / "interim")
 
 
@@ -68,7 +73,8 @@ def test_a_local_dask_cluster_writes_identical_interim(raw: Path, options: Inges
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster:
-        ingest(raw, tmp_path / "interim", options, SOURCES, dask_address=cluster.scheduler_address)
+        ingest(raw, tmp_path / "interim", options, SOURCES, dask_address=cluster.scheduler_address,
+               shard_bytes=SHARD_BYTES)
     assert _digests(one_worker) == _digests(tmp_path / "interim")
 
 

@@ -4,8 +4,12 @@ metadata table, one row per image, that validation, split and degrade read.
 A file that cannot be loaded still gets a row, with ``error`` set, so that validation can
 quarantine it with its reason instead of the whole stage failing.
 
+Tiles are stored in their source's sample type, packed into shards (:mod:`medsr.data.shards`);
+each row names its tile's shard (``array``), ``offset`` and ``stored_dtype``, and
+:func:`medsr.data.shards.read_tile` gives the float32 contract pixels back.
+
 Files are independent, so ``workers`` local processes (or a Dask cluster) load and tile them in
-parallel; each writes its own tiles and returns only its rows, which are put in the table in file
+parallel and return their rows and stored tiles; this process appends them to the shards in file
 order, never completion order: the outputs are byte-identical whatever the number of workers.
 """
 
@@ -18,24 +22,26 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from medsr.atomic import atomic_dir, write_npy
+from medsr.atomic import atomic_dir
 from medsr.data import MODALITIES
 from medsr.data.loading import LoadError, load_image
 from medsr.data.parallel import parallel_mapper
+from medsr.data.shards import SHARD_BYTES, ShardWriter, decode, encode
 from medsr.data.tiling import tile_image
 
 if TYPE_CHECKING:
     import pandas as pd
 
 TABLE_NAME = "images.parquet"
-IMAGES_DIR = "images"
+SHARDS_DIR = "shards"
 
 TABLE_COLUMNS = [
     "id", "patient_key", "modality", "source", "path", "frame", "tile_y", "tile_x", "height", "width",
     "original_dtype", "min", "max", "std", "raw_min", "raw_max", "spacing_row", "spacing_col",
-    "window_low", "window_high", "window_method", "window_inverted", "sha256", "array", "error",
+    "window_low", "window_high", "window_method", "window_inverted", "sha256", "array", "offset", "stored_dtype", "error",
 ]
 
 
@@ -117,12 +123,12 @@ def file_tasks(raw_root: Path, sources: Mapping[str, str] | None = None) -> list
 
 
 def ingest(raw_root: Path, out_dir: Path, options: IngestOptions, sources: Mapping[str, str] | None = None, *,
-           workers: int = 1, dask_address: str | None = None) -> pd.DataFrame:
+           workers: int = 1, dask_address: str | None = None, shard_bytes: int = SHARD_BYTES) -> pd.DataFrame:
     """Load, tile and tabulate every file under ``raw_root/<modality>/``; writes ``out_dir`` atomically.
 
     ``workers`` local processes share the files, or the Dask cluster at ``dask_address`` does (its
-    workers must see ``raw_root`` and ``out_dir``'s parent at the same absolute paths). The table
-    and tiles are the same bytes either way.
+    workers must see ``raw_root`` at the same absolute path). The table and shards are the same
+    bytes either way; a shard holds at most ``shard_bytes``.
     """
     if workers < 1:
         raise ValueError(f"data.workers must be >= 1, got {workers}")
@@ -131,20 +137,29 @@ def ingest(raw_root: Path, out_dir: Path, options: IngestOptions, sources: Mappi
     tasks = file_tasks(raw_root, sources)
     rows: list[dict[str, Any]] = []
     with atomic_dir(out_dir) as tmp:
-        images_dir = (tmp / IMAGES_DIR).absolute()
-        images_dir.mkdir()
-        work = partial(_ingest_file, options=options, images_dir=images_dir)
-        with parallel_mapper(workers, dask_address) as mapper:
-            # The mapper yields in task order, so rows are in file order whoever finished first.
-            for file_rows in tqdm(mapper(work, tasks), total=len(tasks), desc="ingest", unit="file", leave=False):
-                rows.extend(file_rows)
+        (tmp / SHARDS_DIR).mkdir()
+        shards = ShardWriter(tmp / SHARDS_DIR, prefix=f"{SHARDS_DIR}/", shard_bytes=shard_bytes)
+        work = partial(_ingest_file, options=options)
+        try:
+            with parallel_mapper(workers, dask_address) as mapper:
+                # The mapper yields in task order, so tiles and rows are in file order whoever finished first.
+                for file_rows in tqdm(mapper(work, tasks), total=len(tasks), desc="ingest", unit="file", leave=False):
+                    for row, stored in file_rows:
+                        if stored is not None:
+                            row["array"], row["offset"] = shards.append(stored)
+                        rows.append(row)
+        finally:
+            shards.close()
         table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+        table["offset"] = table["offset"].astype("Int64")  # no offset (a file that failed to load): <NA>
         table.to_parquet(tmp / TABLE_NAME, index=False)
     return table
 
 
-def _ingest_file(task: FileTask, *, options: IngestOptions, images_dir: Path) -> list[dict[str, Any]]:
-    """Load and tile one file, write its tiles into ``images_dir``; returns its table rows (no pixels)."""
+def _ingest_file(task: FileTask, *, options: IngestOptions) -> list[tuple[dict[str, Any], np.ndarray | None]]:
+    """Load and tile one file; returns its table rows, each with its stored tile (None for an error row).
+
+    The row's ``array`` and ``offset`` are filled in by the writing process."""
     path, rel, modality = task.path, task.rel, task.modality
     base = {column: None for column in TABLE_COLUMNS}
     base.update(modality=modality, source=task.source_kind, path=rel)
@@ -159,18 +174,21 @@ def _ingest_file(task: FileTask, *, options: IngestOptions, images_dir: Path) ->
         # A library's message can quote the absolute path: show the relative one, as the table does,
         # so the row does not depend on where the raw folder lies.
         detail = err.detail.replace(str(path), rel)
-        return [{**base, "id": image_id(modality, rel, None, -1, -1), "error": str(LoadError(rel, err.reason, err.fix, detail))}]
+        return [({**base, "id": image_id(modality, rel, None, -1, -1),
+                  "error": str(LoadError(rel, err.reason, err.fix, detail))}, None)]
     if not images:
-        return [{**base, "id": image_id(modality, rel, None, -1, -1), "error": f"{rel}: no usable slice (all below the foreground threshold)"}]
+        return [({**base, "id": image_id(modality, rel, None, -1, -1),
+                  "error": f"{rel}: no usable slice (all below the foreground threshold)"}, None)]
     rows = []
     for image in images:
         for y, x, tile in tile_image(image, options.tile_size):
             pixels = tile.pixels
+            stored = encode(pixels)
+            decoded = decode(stored)  # what every reader gets: the checksum is of these values
             ident = image_id(modality, rel, image.frame, y, x)
-            # Atomic: a Dask task retried after a lost worker may write the same tile twice.
-            write_npy(images_dir / f"{ident}.npy", pixels)
             spacing = image.spacing or (None, None)
-            rows.append({
+            # min/max/std describe the loader's pixels, so a NaN or out-of-range value still fails validation.
+            rows.append(({
                 **base,
                 "id": ident, "patient_key": image.patient_key, "frame": image.frame, "tile_y": y, "tile_x": x,
                 "height": int(pixels.shape[1]), "width": int(pixels.shape[2]), "original_dtype": image.original_dtype,
@@ -179,6 +197,6 @@ def _ingest_file(task: FileTask, *, options: IngestOptions, images_dir: Path) ->
                 "spacing_row": spacing[0], "spacing_col": spacing[1],
                 "window_low": image.window.low, "window_high": image.window.high,
                 "window_method": image.window.method, "window_inverted": image.window.inverted,
-                "sha256": hashlib.sha256(pixels.tobytes()).hexdigest(), "array": f"{IMAGES_DIR}/{ident}.npy",
-            })
+                "sha256": hashlib.sha256(decoded.tobytes()).hexdigest(), "stored_dtype": stored.dtype.name,
+            }, stored))
     return rows

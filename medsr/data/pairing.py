@@ -30,6 +30,7 @@ import numpy as np
 from medsr import degradations as deg
 from medsr.data import parallel
 from medsr.data.pairs import PairItem, write_pairs, write_tiles
+from medsr.data.shards import TileRef, read_ref
 from medsr.ops import gaussian_radius
 
 if TYPE_CHECKING:
@@ -89,15 +90,20 @@ class PairSource:
 
     id: str
     modality: str
-    array: str
+    tile: TileRef  # its stored tile in data/interim
+
+    @classmethod
+    def of_row(cls, interim_dir: Path, row: Any) -> PairSource:
+        # Absolute: a Dask worker's working directory is not ours.
+        return cls(str(row.id), str(row.modality), TileRef.of_row(Path(interim_dir).absolute(), row))
 
 
-def make_pair(source: PairSource, *, interim_dir: Path, scale: int, kind: str, params: Mapping[str, Any]) -> PairItem:
+def make_pair(source: PairSource, *, scale: int, kind: str, params: Mapping[str, Any]) -> PairItem:
     """One evaluation-track pair for one image: a pure function of the image and ``rng_for(seed, id, scale, kind)``."""
     if kind not in TRACKS:
         raise ValueError(f"{kind!r} pairs are not written: training pairs are degraded as they are drawn "
                          f"(degrade_training_patch); written tracks: {', '.join(TRACKS)}")
-    image = np.load(Path(interim_dir) / source.array, allow_pickle=False)
+    image = read_ref(source.tile)
     _, noise_level = _noise(params, source.modality)
     hr = deg.crop_to_multiple(image, scale)
     drawn = track_parameters(kind, noise_level, params)
@@ -182,35 +188,19 @@ def degrade_training_patch(tile: np.ndarray, kind: str, scale: int, y: int, x: i
 Mapper = Callable[[Callable[[PairSource], PairItem], list[PairSource]], Iterable[PairItem]]
 
 
-def _make_pair_without_hr(source: PairSource, *, interim_dir: Path, scale: int, kind: str,
-                          params: Mapping[str, Any]) -> PairItem:
+def _make_pair_without_hr(source: PairSource, *, scale: int, kind: str, params: Mapping[str, Any]) -> PairItem:
     """:func:`make_pair` as a worker returns it: without the HR image (the plain crop of the stored
-    image), which the writing process reads itself or shares with an earlier set. The HR is ~94%
-    of a x4 pair's bytes: sending it back through the pool's pipe kept 2 workers at 1.2x."""
-    return replace(make_pair(source, interim_dir=interim_dir, scale=scale, kind=kind, params=params), hr=None)
+    tile), which the writer references in its shard. The HR is ~94% of a x4 pair's bytes: sending
+    it back through the pool's pipe kept 2 workers at 1.2x."""
+    return replace(make_pair(source, scale=scale, kind=kind, params=params), hr=None)
 
 
-def _with_hr(item: PairItem, source: PairSource, interim_dir: Path, scale: int) -> PairItem:
-    if item.hr is not None:
-        return item
-    image = np.load(Path(interim_dir) / source.array, allow_pickle=False)
-    return replace(item, hr=deg.crop_to_multiple(image, scale))  # the crop make_pair degraded
-
-
-def _pairs(rows: pd.DataFrame, interim_dir: Path, scale: int, kind: str, params: Mapping[str, Any],
-           mapper: Mapper = map, *, with_hr: bool = True) -> Iterable[PairItem]:
-    """The pairs of one set in row order. Calling it submits the work (a pool's map is eager); the
-    pairs are produced as the returned iterable is consumed. ``with_hr=False``: a pool's pairs
-    come without HR (the writer shares an earlier set's)."""
-    sources = [PairSource(str(r.id), str(r.modality), str(r.array)) for r in rows.itertuples()]
-    if mapper is map:  # in-process: nothing to send, and builtin map stays lazy
-        return map(partial(make_pair, interim_dir=Path(interim_dir), scale=scale, kind=kind, params=dict(params)),
-                   sources)
-    results = mapper(partial(_make_pair_without_hr, interim_dir=Path(interim_dir), scale=scale, kind=kind,
-                             params=dict(params)), sources)
-    if not with_hr:
-        return results
-    return (_with_hr(item, source, Path(interim_dir), scale) for item, source in zip(results, sources))
+def _pairs(sources: list[PairSource], scale: int, kind: str, params: Mapping[str, Any],
+           mapper: Mapper = map) -> Iterable[PairItem]:
+    """The pairs of one set in order, without their HR (the writer takes it from the stored tiles).
+    Calling it submits the work (a pool's map is eager); the pairs are produced as the returned
+    iterable is consumed."""
+    return mapper(partial(_make_pair_without_hr, scale=scale, kind=kind, params=dict(params)), sources)
 
 
 def _one_torch_thread() -> None:
@@ -251,11 +241,6 @@ def kinds_for(split: str, params: Mapping[str, Any]) -> list[str]:
 TRAIN_TILES = "hr"  # data/pairs/train/hr: the training tiles
 
 
-def _training_tiles(rows: pd.DataFrame, interim_dir: Path) -> Iterator[tuple[str, str, np.ndarray]]:
-    for row in rows.itertuples():
-        yield str(row.id), str(row.modality), np.load(Path(interim_dir) / str(row.array), allow_pickle=False)
-
-
 def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, params: Mapping[str, Any], *,
                     workers: int | None = None, dask_address: str | None = None) -> dict[str, Any]:
     """Write ``out_root/train/hr`` (the training tiles, with :func:`training_recipe`) and
@@ -279,24 +264,18 @@ def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, para
     dask_address = dask_address or params.get("dask_scheduler") or None
     counts: dict[str, Any] = {}
     jobs = [(split, int(scale), kind) for split in SPLITS for scale in params["scales"] for kind in kinds_for(split, params)]
-    # Every track pairs its LR with the same HR (make_pair: the stored image cropped to a multiple
-    # of the scale), so a split and scale's HR is written once and the other tracks link it.
-    hr_owner = {(split, scale): kind for split, scale, kind in reversed(jobs)}  # the first track
-
-    def hr_like(split: str, scale: int, kind: str) -> Path | None:
-        owner = hr_owner[(split, scale)]
-        return None if kind == owner else out_root / split / f"x{scale}" / owner
-
-    train = table[table["split"] == "train"].sort_values("id")
+    sources = {split: [PairSource.of_row(interim_dir, row) for row in table[table["split"] == split].sort_values("id").itertuples()]
+               for split in SPLITS}
+    # Every HR written is a stored tile of data/interim (cropped to a multiple of the scale for a
+    # pair), referenced in its shard, which each set links: no HR is written twice.
     counts["train"] = {TRAIN_TILES: {"tiles": write_tiles(out_root / "train" / TRAIN_TILES,
-                                                          _training_tiles(train, interim_dir),
+                                                          ((s.id, s.modality, s.tile) for s in sources["train"]),
                                                           {"split": "train", "recipe": training_recipe(params)})}}
 
     with parallel_mapper(workers, dask_address) as mapper:
         def submit(job: tuple[str, int, str]) -> tuple[tuple[str, int, str], Iterable[PairItem]]:
             split, scale, kind = job
-            rows = table[table["split"] == split].sort_values("id")
-            return job, _pairs(rows, interim_dir, scale, kind, params, mapper, with_hr=hr_like(*job) is None)
+            return job, _pairs(sources[split], scale, kind, params, mapper)
 
         # One set ahead: the workers degrade the next set while this process writes the current one
         # (memory: two sets' results at most). Sets are still written one by one, in job order.
@@ -306,6 +285,7 @@ def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, para
             (split, scale, kind), items = pending
             pending = submit(jobs[index + 1]) if index + 1 < len(jobs) else None
             attrs = {"split": split, "kind": kind, "seed": int(params["seed"])}
-            n = write_pairs(out_root / split / f"x{scale}" / kind, items, scale, attrs, hr_like=hr_like(split, scale, kind))
+            n = write_pairs(out_root / split / f"x{scale}" / kind, items, scale, attrs,
+                            hr_tiles=[source.tile for source in sources[split]])
             counts.setdefault(split, {}).setdefault(f"x{scale}", {})[kind] = n
     return counts

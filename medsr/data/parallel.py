@@ -30,8 +30,12 @@ def parallel_mapper(workers: int = 1, dask_address: str | None = None,
         from distributed import Client
 
         with Client(dask_address, set_as_default=False) as client:
-            # pure=False: tasks write files, so Dask must not skip one as a cached duplicate.
-            yield lambda func, items: client.gather(client.map(func, items, pure=False))
+            def dask_map(func: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
+                # pure=False: the same item may be submitted twice (a retried set), never deduplicated.
+                futures = client.map(func, items, pure=False)  # submitted now, as a pool's map is
+                return _in_order(futures)
+
+            yield dask_map
         return
     if workers <= 1:
         yield map
@@ -42,3 +46,11 @@ def parallel_mapper(workers: int = 1, dask_address: str | None = None,
         # ~16 chunks per worker: IPC per item is amortised, and a worker slowed by other load or by
         # uneven items (a volume among PNGs) leaves the others at most one small chunk to wait for.
         yield lambda func, items: pool.map(func, items, chunksize=max(1, len(items) // (16 * workers)))
+
+
+def _in_order(futures: list[Any]) -> Iterator[Any]:
+    """Each future's result in submission order, released once taken: the caller holds one result
+    (ingest's stored tiles, degrade's pairs) at a time, not the whole run's."""
+    for i, future in enumerate(futures):
+        yield future.result()
+        futures[i] = None

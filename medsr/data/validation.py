@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from medsr.data import MODALITIES, ContractError, check_contract
+from medsr.data.shards import read_tile
 
 # Below this standard deviation (on the [0, 1] scale) an image carries no structure to learn from.
 MIN_STD = 1e-3
@@ -96,10 +97,9 @@ def run_suite(table: pd.DataFrame, min_size: int) -> tuple[list[dict[str, Any]],
 
 def pixel_problems(row: Mapping[str, Any], interim_dir: Path) -> list[str]:
     """Checks on the stored array itself: readable, contract-shaped, unchanged since ingest, not constant."""
-    path = interim_dir / str(row["array"])
     try:
-        pixels = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+        pixels = read_tile(interim_dir, row)
+    except (OSError, ValueError, TypeError) as err:
         return [f"stored array unreadable ({err.__class__.__name__})"]
     problems = []
     try:
