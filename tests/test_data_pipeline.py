@@ -19,7 +19,7 @@ from PIL import Image
 from medsr.data.ingest import TABLE_NAME, IngestOptions, ingest
 from medsr.data.pairing import build_pair_sets
 from medsr.data.pairs import PairSet, TileSet
-from medsr.data.shards import read_tile
+from medsr.data.shards import read_stored, read_tile, tile_digest
 from medsr.data.split import find_leaks, leaked_patients, split_table
 from medsr.data.validation import validate_table
 from medsr.params import load_params
@@ -45,7 +45,7 @@ def test_sample_ingest_has_every_modality(sample_interim: Path) -> None:
     for row in table.sample(5, random_state=0).itertuples():
         pixels = read_tile(sample_interim, row)
         assert pixels.dtype == np.float32 and pixels.shape == (1, row.height, row.width)
-        assert hashlib.sha256(pixels.tobytes()).hexdigest() == row.sha256
+        assert tile_digest(read_stored(sample_interim, row)) == row.sha256
 
 
 def _bad_raw_folder(root: Path, sample_raw: Path) -> dict[str, str]:
@@ -186,3 +186,27 @@ def test_a_killed_stage_leaves_no_temporary_output_behind(tmp_path: Path) -> Non
         (tmp / "y.npy").write_bytes(b"1")
     assert sorted(p.name for p in target.parent.iterdir()) == sorted(["pairs", live.name])
     assert (target / "y.npy").exists()
+
+
+def test_validation_finds_a_stored_tile_changed_after_ingest(sample_interim: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from medsr.data.shards import TileRef, read_samples
+    from medsr.data.validation import pixel_problems
+
+    interim = tmp_path / "interim"
+    shutil.copytree(sample_interim, interim)
+    table = pd.read_parquet(interim / TABLE_NAME)
+    row = table.iloc[0]
+    assert pixel_problems(row, interim) == []
+    ref = TileRef.of_row(interim, row)
+    samples = read_samples(ref)
+    flipped = samples.copy()
+    flipped[0, 5, 5] ^= 1  # one least significant bit of one sample
+    data = bytearray(ref.file.read_bytes())
+    header = len(data) - np.load(ref.file, mmap_mode="r").size * samples.dtype.itemsize
+    at = header + (ref.offset + 5 * ref.width + 5) * samples.dtype.itemsize
+    data[at] ^= 1
+    ref.file.write_bytes(bytes(data))
+    assert np.array_equal(read_samples(ref), flipped)
+    assert any("sha256 mismatch" in p for p in pixel_problems(row, interim))

@@ -134,3 +134,20 @@ print(peak_mb() - before)
 """
     grown_mb = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert grown_mb < 16, f"RSS grew {grown_mb} MB reading 64 MB of tiles once"
+
+
+def test_the_digest_is_of_the_stored_tile_and_equal_pixels_give_equal_digests() -> None:
+    from medsr.data.shards import decode, encode, tile_digest
+
+    rng = np.random.default_rng(5)
+    eight_bit = (rng.integers(0, 256, (1, 32, 32)) / 255.0).astype(np.float32)
+    windowed = rng.random((1, 32, 32)).astype(np.float32)
+    for pixels in (eight_bit, windowed):
+        stored = encode(pixels)
+        assert tile_digest(stored) == tile_digest(encode(decode(stored).copy()))  # the same tile again
+        changed = stored.copy()
+        changed[0, 3, 4] ^= 1
+        assert tile_digest(changed) != tile_digest(stored)
+    assert encode(eight_bit).dtype == np.uint8 and encode(windowed).dtype == np.uint16
+    # Two tiles whose samples share bytes but not a dtype are different tiles.
+    assert tile_digest(np.zeros((1, 2, 2), np.uint16)) != tile_digest(np.zeros((1, 2, 4), np.uint8))

@@ -29,7 +29,7 @@ from medsr.atomic import atomic_dir
 from medsr.data import MODALITIES
 from medsr.data.loading import LoadError, load_image
 from medsr.data.parallel import parallel_mapper
-from medsr.data.shards import SHARD_BYTES, ShardWriter, decode, encode
+from medsr.data.shards import SHARD_BYTES, ShardWriter, encode, tile_digest
 from medsr.data.tiling import tile_image
 
 if TYPE_CHECKING:
@@ -184,7 +184,6 @@ def _ingest_file(task: FileTask, *, options: IngestOptions) -> list[tuple[dict[s
         for y, x, tile in tile_image(image, options.tile_size):
             pixels = tile.pixels
             stored = encode(pixels)
-            decoded = decode(stored)  # what every reader gets: the checksum is of these values
             ident = image_id(modality, rel, image.frame, y, x)
             spacing = image.spacing or (None, None)
             # min/max/std describe the loader's pixels, so a NaN or out-of-range value still fails validation.
@@ -197,6 +196,6 @@ def _ingest_file(task: FileTask, *, options: IngestOptions) -> list[tuple[dict[s
                 "spacing_row": spacing[0], "spacing_col": spacing[1],
                 "window_low": image.window.low, "window_high": image.window.high,
                 "window_method": image.window.method, "window_inverted": image.window.inverted,
-                "sha256": hashlib.sha256(decoded.tobytes()).hexdigest(), "stored_dtype": stored.dtype.name,
+                "sha256": tile_digest(stored), "stored_dtype": stored.dtype.name,
             }, stored))
     return rows

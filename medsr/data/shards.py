@@ -23,6 +23,7 @@ of 1.79 million, and ``np.load(mmap_mode="r")`` reads only the slice a caller to
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from functools import lru_cache
@@ -129,7 +130,12 @@ def _layout(file: Path, identity: tuple[int, int, int]) -> tuple[np.dtype, int, 
 
 
 def read_ref(ref: TileRef) -> np.ndarray:
-    """The contract pixels (float32 ``(1, H, W)``) of a stored tile.
+    """The contract pixels (float32 ``(1, H, W)``) of a stored tile (:func:`read_samples`, decoded)."""
+    return decode(read_samples(ref))
+
+
+def read_samples(ref: TileRef) -> np.ndarray:
+    """A stored tile's samples as stored (``(1, H, W)`` of the shard's dtype).
 
     Read with one positioned read, not through a memory map: a stage that reads every tile once
     (validate, degrade) would otherwise keep every shard page it touched mapped, so its RSS would
@@ -140,13 +146,27 @@ def read_ref(ref: TileRef) -> np.ndarray:
     if ref.offset < 0 or ref.offset + n > count:
         raise ValueError(f"{ref.file}: tile at {ref.offset} of {n} samples runs past the shard's {count}")
     stored = np.fromfile(ref.file, dtype=dtype, count=n, offset=start + ref.offset * dtype.itemsize)
-    return decode(stored.reshape(1, ref.height, ref.width))
+    return stored.reshape(1, ref.height, ref.width)
 
 
 def read_tile(root: str | Path, row: Any) -> np.ndarray:
     """The contract pixels (float32 ``(1, H, W)``) of a table row's stored tile: the one way every
     stage reads ``data/interim``."""
     return read_ref(TileRef.of_row(Path(root), row))
+
+
+def read_stored(root: str | Path, row: Any) -> np.ndarray:
+    """A table row's tile as stored (``(1, H, W)`` of its ``stored_dtype``), undecoded."""
+    return read_samples(TileRef.of_row(Path(root), row))
+
+
+def tile_digest(stored: np.ndarray) -> str:
+    """sha256 of a stored tile (its dtype and samples): the table's ``sha256``. :func:`encode` picks
+    dtype and samples from the pixel values alone, so equal tiles have equal digests, as a digest of
+    the decoded float32 would; hashing the stored bytes reads a quarter of them for uint8 tiles."""
+    digest = hashlib.sha256(stored.dtype.name.encode())
+    digest.update(np.ascontiguousarray(stored).tobytes())
+    return digest.hexdigest()
 
 
 class StoredTile:

@@ -6,7 +6,6 @@ the raw file stays where it is and the quarantine list says why it was held back
 
 from __future__ import annotations
 
-import hashlib
 import html
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from medsr.data import MODALITIES, ContractError, check_contract
-from medsr.data.shards import read_tile
+from medsr.data.shards import decode, read_stored, tile_digest
 
 # Below this standard deviation (on the [0, 1] scale) an image carries no structure to learn from.
 MIN_STD = 1e-3
@@ -98,7 +97,8 @@ def run_suite(table: pd.DataFrame, min_size: int) -> tuple[list[dict[str, Any]],
 def pixel_problems(row: Mapping[str, Any], interim_dir: Path) -> list[str]:
     """Checks on the stored array itself: readable, contract-shaped, unchanged since ingest, not constant."""
     try:
-        pixels = read_tile(interim_dir, row)
+        stored = read_stored(interim_dir, row)
+        pixels = decode(stored)
     except (OSError, ValueError, TypeError) as err:
         return [f"stored array unreadable ({err.__class__.__name__})"]
     problems = []
@@ -107,7 +107,7 @@ def pixel_problems(row: Mapping[str, Any], interim_dir: Path) -> list[str]:
     except ContractError as err:
         problems.append(f"array contract violated: {err}")
         return problems
-    if hashlib.sha256(pixels.tobytes()).hexdigest() != row["sha256"]:
+    if tile_digest(stored) != row["sha256"]:
         problems.append("pixels changed since ingest (sha256 mismatch)")
     if pixels.shape[1:] != (row["height"], row["width"]):
         problems.append(f"stored shape {pixels.shape[1:]} differs from the table ({row['height']}x{row['width']})")
