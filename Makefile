@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv run test test-fast bench dag clean serve package schedule mlflow-ui remote push pull
+.PHONY: venv run run-pretrained test test-fast bench dag clean serve package schedule mlflow-ui remote push pull
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,12 @@ run: venv
 	medsr summary
 	medsr report
 	medsr registry champions
+
+# The same, with RLFN fine-tuned from its published weights (params.yaml's commented entry switched on):
+# `dvc repro` fetches them into pretrained/, or uses files placed there (docs/pretrained.md).
+run-pretrained: venv
+	medsr enable-pretrained rlfn
+	$(MAKE) run
 
 # scripts/test-deps.sh installs Chromium and dcmtk when missing and runs the suite beside a
 # throw-away PostgreSQL; .ci/run is `make test` too.

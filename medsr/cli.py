@@ -80,6 +80,27 @@ def trained_model_choices(incomplete: str = "") -> list[str]:
     return [name for name in model_names(trained=True) if name.startswith(incomplete)]
 
 
+@app.command("enable-pretrained")
+def enable_pretrained(model: str = typer.Argument("rlfn", help="The commented-out train.models entry to switch on."),
+                      params: Path = ParamsOption) -> None:
+    """Switch on the commented-out entry that fine-tunes a model from published weights (params.yaml)."""
+    from medsr.atomic import write_text
+    from medsr.pretrained import enable_commented_entry
+
+    text = params.read_text()
+    try:
+        enabled = enable_commented_entry(text, model)
+    except ValueError as err:
+        err_console.print(f"[bold red]medsr enable-pretrained:[/] {params}: {err}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+    if enabled == text:
+        console.print(f"{params}: train.models.{model} is already on")
+        return
+    write_text(params, enabled)
+    console.print(f"{params}: train.models.{model} switched on; `dvc repro` now fetches its checkpoints into "
+                  "pretrained/ (or uses the files placed there), fine-tunes and benchmarks it")
+
+
 @app.command("models")
 def list_models() -> None:
     """List the registered architectures: name, whether it is trained and adversarial, description."""

@@ -19,9 +19,8 @@ keeping the starting point (each measured on validation by ``benchmarks/bench_pr
 Two choices need no training: :func:`interpolated` takes weights part of the way from the published
 to the fine-tuned ones (WiSE-FT: Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR
 2022), and, instead of one network for every input, :func:`noise_gated` uses the published network where
-the input is clean and the fine-tuned one where it is noisy, blended by the consistency step's own
-noise estimate and weight shape (:func:`medsr.consistency.estimate_noise_sigma`,
-:func:`~medsr.consistency.consistency_strength`): ``w * published + (1 - w) * fine_tuned``.
+the input is clean and the fine-tuned one where it is noisy (:class:`medsr.models.gated.NoiseGated`,
+the module the pipeline trains and serves with the ``noise_gate`` model option).
 """
 
 from __future__ import annotations
@@ -38,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsr.consistency import consistency_strength, estimate_noise_sigma
 from medsr.degradations import TRACKS
 from medsr.inference import predict_image
+from medsr.models.gated import NoiseGated
 from medsr.ops import bicubic_downsample
 from medsr.training.data import PatchBatches
 from medsr.training.trainer import ema_update
@@ -153,34 +152,19 @@ def fine_tune(start: nn.Module, pairs_root: Path, scale: int, settings: FineTune
     return kept
 
 
-SKIP_SHARE = 1e-3
-
-
 @dataclass(frozen=True)
 class NoiseGate:
-    """``w = 1 / (1 + (sigma / threshold)^exponent)`` of the LR's estimated noise: the published
-    network's share of the output (the consistency step's weight shape)."""
+    """The gate's settings (:class:`medsr.models.gated.NoiseGated`): the published network's share
+    is ``1 / (1 + (sigma / threshold)^exponent)`` of the LR's estimated noise (the consistency step's shape)."""
 
     threshold: float = 0.005
     exponent: float = 8.0
 
-    def weight(self, lr: np.ndarray) -> float:
-        return consistency_strength(estimate_noise_sigma(lr), self.threshold, self.exponent)
 
-
-def noise_gated(published: nn.Module, tuned: nn.Module, gate: NoiseGate) -> Callable[[np.ndarray], np.ndarray]:
-    """LR -> ``w * published(lr) + (1 - w) * tuned(lr)``, ``w`` from the LR's estimated noise;
-    a network whose share is under ``SKIP_SHARE`` is not run (it could move a pixel by < 0.001)."""
-
-    def predict(lr: np.ndarray) -> np.ndarray:
-        w = gate.weight(lr)
-        if w >= 1.0 - SKIP_SHARE:
-            return predict_image(published, lr)
-        if w <= SKIP_SHARE:
-            return predict_image(tuned, lr)
-        return (w * predict_image(published, lr) + (1.0 - w) * predict_image(tuned, lr)).astype(np.float32)
-
-    return predict
+def noise_gated(published: nn.Module, tuned: nn.Module, gate: NoiseGate) -> NoiseGated:
+    """The gated pair of copies of ``published`` and ``tuned`` (the module the pipeline trains and
+    serves), in eval mode; the arguments are not changed (the pair freezes its published copy)."""
+    return NoiseGated(copy.deepcopy(published), copy.deepcopy(tuned), threshold=gate.threshold, exponent=gate.exponent).eval()
 
 
 def interpolated(start: nn.Module, tuned: nn.Module, alpha: float) -> nn.Module:
@@ -350,7 +334,7 @@ def pretrained_report(scales: Sequence[int], weights: Path, checks: list[dict[st
         }
         gated_names = []
         for branch, net in branches.items():
-            gated = _remember_last(noise_gated(start, net, gate))
+            gated = _remember_last(lambda lr, pair=noise_gated(start, net, gate): predict_image(pair, lr))
             candidates[f"gated[{branch}]"] = gated
             candidates[f"gated[{branch}]+consistency"] = (
                 lambda lr, g=gated: refine(g(lr), lr, scale, consistency))

@@ -29,7 +29,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -390,7 +390,14 @@ class Upscaler:
         if self.tiling is None:
             with timed_phase(timer, "forward"):
                 return predict_image(self.module, lr, self.device)
-        return upscale_image(self.module, lr, self.scale, tiling=self.tiling, device=self.device, timer=timer)
+        module, tiling = self.module, self.tiling
+        for_image = getattr(module, "for_image", None)
+        if for_image is not None:
+            # A per-image choice (the noise gate, medsr.models.gated) is made on the whole image, not per tile.
+            if tiling.margin is None:
+                tiling = replace(tiling, margin=receptive_radius(module))
+            module = for_image(lr)
+        return upscale_image(module, lr, self.scale, tiling=tiling, device=self.device, timer=timer)
 
     def network_batch(self, images: list[np.ndarray], timer: PhaseTimer | None = None,
                       max_batch: int = 16) -> list[np.ndarray]:

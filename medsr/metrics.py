@@ -118,11 +118,14 @@ def ssim_with_foreground(sr: np.ndarray, hr: np.ndarray, mask: np.ndarray | None
     return float(mean), (float(ssim_map[inner].mean()) if inner.any() else float("nan"))
 
 
-def score_image(sr: np.ndarray, hr: np.ndarray, *, scale: int, modality: str) -> dict[str, float]:
+def score_image(sr: np.ndarray, hr: np.ndarray, *, scale: int, modality: str,
+                foreground: bool = True) -> dict[str, float]:
     """The scores of one prediction that every report averages (training validation, the benchmark,
     ``medsr evaluate``, the registry): ``psnr`` and ``ssim`` with ``border = scale``, plus
-    ``psnr_fg``/``ssim_fg`` inside the foreground mask for CT and MRI (NaN where there is none)."""
-    mask = foreground_mask(hr, border=scale) if modality in FOREGROUND_MODALITIES else None
+    ``psnr_fg``/``ssim_fg`` inside the foreground mask for CT and MRI (NaN where there is none, and
+    with ``foreground=False``, which skips the mask for a caller that never reads them)."""
+    wanted = foreground and modality in FOREGROUND_MODALITIES
+    mask = foreground_mask(hr, border=scale) if wanted else None
     whole, inside = ssim_with_foreground(sr, hr, mask, border=scale)
     return {"psnr": psnr(sr, hr, border=scale), "ssim": whole,
             "psnr_fg": psnr_in_mask(sr, hr, mask, border=scale) if mask is not None else math.nan, "ssim_fg": inside}

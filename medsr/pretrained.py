@@ -271,3 +271,28 @@ def pretrained_stage(params: Mapping[str, Any], root: Path = PRETRAINED_ROOT, *,
                                    backoff_seconds=float(download.get("backoff_seconds", 2.0)))}
                for model, scale, init in checkpoint_inits(params)]
     return {"checkpoints": fetched}
+
+
+def enable_commented_entry(text: str, model: str = "rlfn") -> str:
+    """``params.yaml`` text with its commented-out ``# <model>:`` entry under ``train.models``
+    switched on (the documented one switch; comments elsewhere and the layout are kept). Text
+    where the entry is already on comes back unchanged.
+
+    Raises:
+        ValueError: the text has neither the commented entry nor an enabled one.
+    """
+    lines, out, inside, found = text.splitlines(), [], False, False
+    for line in lines:
+        if line.strip() == f"# {model}:":
+            inside = found = True
+        if inside and line.startswith("    # "):
+            out.append("    " + line[len("    # "):])
+            continue
+        inside = False
+        out.append(line)
+    if not found:
+        if re.search(rf"^    {re.escape(model)}:", text, flags=re.MULTILINE):
+            return text
+        raise ValueError(f"params.yaml has no commented-out `# {model}:` entry under train.models to switch on; "
+                         "copy it from the repository's params.yaml")
+    return "\n".join(out) + ("\n" if text.endswith("\n") else "")

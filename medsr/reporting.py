@@ -145,12 +145,17 @@ def _params(count: int | None) -> str:
     return f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.0f}k"
 
 
+def _gain_cells(check: LearningCheck, tracks: Sequence[str], separator: str) -> list[str]:
+    """The network's own mean gain, then per track ``system<separator>baseline`` (both tables' cells)."""
+    return [f"{check.network_mean_db:+.2f}",
+            *(f"{check.system_mean_db[t]:+.2f}{separator}{check.baseline_mean_db[t]:+.2f}" for t in tracks)]
+
+
 def learning_table(checks: Sequence[LearningCheck]) -> ResultsTable:
     """The checks as one narrow table: the network's own mean gain, then per track the system's mean
     and the baseline's (``system/baseline``), and the two verdicts (sizes: :func:`sizes_table`)."""
     tracks = list(checks[0].system_mean_db) if checks else []
-    rows = [[f"{c.model} x{c.scale}", f"{c.network_mean_db:+.2f}",
-             *(f"{c.system_mean_db[t]:+.2f}/{c.baseline_mean_db[t]:+.2f}" for t in tracks),
+    rows = [[f"{c.model} x{c.scale}", *_gain_cells(c, tracks, "/"),
              "yes" if c.learned else "no", "yes" if c.beats_baseline else "no"] for c in checks]
     return ResultsTable(
         title="validation, mean over modalities (dB): network alone; per track, system/bicubic+consistency",
@@ -184,8 +189,7 @@ def readme_table(checks: Sequence[LearningCheck]) -> ResultsTable:
     """Per model and scale: the size the profile trained, the network's own validation mean gain and,
     per track, the system's mean beside ``bicubic+consistency``'s: the README's results table."""
     tracks = list(checks[0].system_mean_db) if checks else []
-    rows = [[f"{c.model} x{c.scale}", c.size, _params(c.params), f"{c.network_mean_db:+.2f}",
-             *(f"{c.system_mean_db[t]:+.2f} / {c.baseline_mean_db[t]:+.2f}" for t in tracks),
+    rows = [[f"{c.model} x{c.scale}", c.size, _params(c.params), *_gain_cells(c, tracks, " / "),
              "yes" if c.learned and c.beats_baseline else "no"] for c in checks]
     return ResultsTable(
         title="validation, mean gain over bicubic across modalities (dB): the network alone; per track, "

@@ -135,8 +135,10 @@ class MedSR:
         self.tiling = Tiling.from_params(SERVING)
         # The score re-degrades with the consistency step's own forward model, so the step and the score
         # agree on what "consistent with the input" means (the realistic track's blur is only the demo's default).
+        # Two blurs, two meanings: the consistency step's forward model (what the served score
+        # re-degrades with), and the training degradation's blur (reported by /info, used by nothing else).
         self.score_blur_sigma = ConsistencySettings.from_params(CONFIG.consistency).blur_sigma
-        self.blur_sigma = float(CONFIG.degrade["blur_sigma"])
+        self.training_blur_sigma = float(CONFIG.degrade["blur_sigma"])
         self.consistency = _consistency()
         self.champions: dict[int, LoadedGenerator] = {}
         self.load_error: str | None = None
@@ -287,7 +289,7 @@ class MedSR:
             "refine": self.consistency.enabled,
             "batching": BATCHING,
             "consistency": {"blur_sigma": self.score_blur_sigma, "warning_db": float(SERVING["consistency_warning_db"])},
-            "degradation": {"blur_sigma": self.blur_sigma, "noise": CONFIG.degrade.get("noise")},
+            "degradation": {"blur_sigma": self.training_blur_sigma, "noise": CONFIG.degrade.get("noise")},
             "samples": public_samples(),
         }
 

@@ -66,14 +66,15 @@ def test_a_clean_mix_trains_on_the_clean_tracks_lr(pairs_root: Path, start) -> N
 
 def test_the_gate_uses_the_published_network_on_clean_input_and_the_tuned_one_on_noisy(start) -> None:
     tuned = build_generator("bicubic", SCALE).eval()
-    gated = noise_gated(start.eval(), tuned, NoiseGate(threshold=0.005, exponent=8))
+    pair = noise_gated(start.eval(), tuned, NoiseGate(threshold=0.005, exponent=8))
+    gated = lambda lr: predict_image(pair, lr)  # noqa: E731
     clean = smooth_image(np.random.default_rng(1), 40)
     noisy = np.clip(clean + np.random.default_rng(2).normal(0, 0.02, clean.shape), 0, 1).astype(np.float32)
     np.testing.assert_array_equal(gated(clean), predict_image(start, clean))
     np.testing.assert_array_equal(gated(noisy), predict_image(tuned, noisy))
     # In between, a blend by the consistency step's weight.
     middle = np.clip(clean + np.random.default_rng(3).normal(0, 0.005, clean.shape), 0, 1).astype(np.float32)
-    w = NoiseGate().weight(middle)
+    w = pair.weight(middle)
     assert 0.05 < w < 0.95
     np.testing.assert_allclose(gated(middle), w * predict_image(start, middle) + (1 - w) * predict_image(tuned, middle),
                                atol=1e-5)

@@ -148,6 +148,19 @@ def test_training_validation_and_the_benchmark_score_an_image_the_same_way(tmp_p
         assert trained["per_modality"][modality]["ssim"] == pytest.approx(row["ssim"], abs=1e-4)
 
 
+def test_scoring_without_the_foreground_gives_the_same_whole_image_scores() -> None:
+    from medsr.metrics import score_image
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:64, 0:64]
+    hr = np.where((yy - 32) ** 2 + (xx - 32) ** 2 < 20**2, 0.6 + 0.2 * np.sin(xx / 2.0), 0.0).astype(np.float32)[None]
+    sr = np.clip(hr + rng.normal(0, 0.02, hr.shape), 0, 1).astype(np.float32)
+    full = score_image(sr, hr, scale=2, modality="mri")
+    bare = score_image(sr, hr, scale=2, modality="mri", foreground=False)
+    assert (bare["psnr"], bare["ssim"]) == (full["psnr"], full["ssim"])
+    assert np.isfinite(full["psnr_fg"]) and np.isnan(bare["psnr_fg"]) and np.isnan(bare["ssim_fg"])
+
+
 def test_score_track_uses_the_scale_as_border_and_checks_shapes(tmp_path) -> None:
     pairs = write_two_modality_pairs(tmp_path / "val")
     hr_by_lr = {pairs.lr(i).tobytes(): pairs.hr(i) for i in range(len(pairs))}

@@ -264,17 +264,22 @@ def test_load_published_builds_the_grey_generator_and_refuses_another_layout(tmp
 
 def enabled_params() -> dict:
     """params.yaml with its commented-out RLFN entry switched on (the documented one switch)."""
+    from medsr.pretrained import enable_commented_entry
+
+    return yaml.safe_load(enable_commented_entry((REPO_ROOT / "params.yaml").read_text()))
+
+
+def test_switching_the_entry_on_is_idempotent_and_refuses_a_file_without_it() -> None:
+    from medsr.pretrained import enable_commented_entry
+
     text = (REPO_ROOT / "params.yaml").read_text()
-    lines, out, inside = text.splitlines(), [], False
-    for line in lines:
-        if line.strip() == "# rlfn:":
-            inside = True
-        if inside and line.startswith("    # "):
-            out.append("    " + line[len("    # "):])
-            continue
-        inside = False
-        out.append(line)
-    return yaml.safe_load("\n".join(out))
+    on = enable_commented_entry(text)
+    assert on != text and enable_commented_entry(on) == on
+    assert len(on.splitlines()) == len(text.splitlines())
+    gated = yaml.safe_load(on)["train"]["models"]["rlfn"]["model_options"]["noise_gate"]
+    assert gated == {"threshold": 0.005, "exponent": 8, "tuned_share": 0.875}
+    with pytest.raises(ValueError, match="no commented-out `# rlfn:` entry"):
+        enable_commented_entry("train:\n  models:\n    espcn: {}\n")
 
 
 def test_the_commented_rlfn_entry_names_the_known_checkpoints() -> None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from medsr.models.architectures import ARCHITECTURES, ModelSpec, TrainingPairs, register_architecture
 from medsr.models.blocks import SRGenerator
+from medsr.models.gated import NoiseGated
 from medsr.scale import check_scale
 
 # Import every module of the package: each model's file registers it (the decorator runs at import).
@@ -51,11 +52,17 @@ def model_spec(name: str) -> ModelSpec:
 def build_generator(name: str, scale: int, **options: Any) -> nn.Module:
     """A freshly initialised generator of model ``name`` at ``scale`` (one of the spec's scales).
 
-    ``options`` go to its constructor (e.g. BliMSR's ``n_groups``, ``n_blocks``, ``n_feats``).
-    Raises ValueError for an unknown name or unsupported scale, TypeError for an unknown option.
+    ``options`` go to its constructor (e.g. BliMSR's ``n_groups``, ``n_blocks``, ``n_feats``), except
+    ``noise_gate`` (``{threshold, exponent, tuned_share}``), which builds the pair of two such
+    generators that :mod:`medsr.models.gated` describes (for a model started from published weights).
+    Raises ValueError for an unknown name, unsupported scale or bad gate, TypeError for an unknown option.
     """
     spec = model_spec(name)
-    return spec.generator(check_scale(scale, spec.scales), **options)
+    scale = check_scale(scale, spec.scales)
+    gate = options.pop("noise_gate", None)
+    if gate is not None:
+        return NoiseGated.from_options(lambda: spec.generator(scale, **options), gate)
+    return spec.generator(scale, **options)
 
 
 def build_discriminator(name: str, **options: Any) -> nn.Module | None:
@@ -72,7 +79,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = [
-    "ARCHITECTURES", "ModelSpec", "SRGenerator", "TrainingPairs", "build_discriminator",
+    "ARCHITECTURES", "ModelSpec", "NoiseGated", "SRGenerator", "TrainingPairs", "build_discriminator",
     "build_generator", "check_scale", "count_parameters", "curriculum_stage", "model_names", "model_spec",
     "register_architecture",
 ]

@@ -97,7 +97,7 @@ def data_version(pairs_root: str | Path, scale: int) -> str:
 
 def code_files(model: str) -> set[Path]:
     """The source that decides what training ``model`` computes: the module that registers its
-    architecture (and what that imports), the model registry, and the training loop (trainer,
+    architecture (and what that imports), the model registry and its noise gate, and the training loop (trainer,
     batches, losses, validation metrics, checkpoints), but not the other models' files."""
     from medsr.models import model_spec
 
@@ -106,7 +106,9 @@ def code_files(model: str) -> set[Path]:
             if models_dir not in p.parents}
     architecture = module_file(model_spec(model).generator.__module__)
     own = import_closure([architecture], with_parents=False) if architecture else set(models_dir.glob("*.py"))
-    return loop | own | {models_dir / "__init__.py", models_dir / "architectures.py"}
+    # Every generator is built through the registry, which also builds the noise-gated pair (a model option).
+    gate = import_closure([models_dir / "gated.py"], with_parents=False)
+    return loop | own | gate | {models_dir / "__init__.py", models_dir / "architectures.py"}
 
 
 @lru_cache(maxsize=None)

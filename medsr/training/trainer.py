@@ -56,7 +56,7 @@ from medsr.data.pairs import PairSet
 from medsr.inference import Upscaler, pick_device
 from medsr.losses import GeneratorLoss, discriminate_jointly, discriminator_adversarial_loss, recipe_config
 from medsr.metrics import score_image
-from medsr.models import build_discriminator, build_generator, model_spec
+from medsr.models import NoiseGated, build_discriminator, build_generator, model_spec
 from medsr.perceptual import PERCEPTUAL_METRIC, ms_gmsd
 from medsr.training.checkpoint import (
     ADVERSARIAL_NAME,
@@ -154,7 +154,8 @@ def score_track(predict: Callable[[np.ndarray], np.ndarray], pairs: PairSet,
         sr = np.asarray(predict(pairs.lr(i)))
         if sr.shape != hr.shape:
             raise ValueError(f"pair {pairs.pairs[i]['id']}: prediction {sr.shape} does not match HR {hr.shape}")
-        image = score_image(sr, hr, scale=border, modality=pairs.pairs[i]["modality"])
+        # Training validation reads psnr and ssim only: no foreground mask (Otsu, hole filling) per image.
+        image = score_image(sr, hr, scale=border, modality=pairs.pairs[i]["modality"], foreground=False)
         scores = (image["psnr"], image["ssim"], ms_gmsd(sr, hr, border=border))
         per_modality.setdefault(pairs.pairs[i]["modality"], []).append(scores)
     if not per_modality:
@@ -204,7 +205,15 @@ class _Run:
         if config.init is not None:  # published weights (medsr.pretrained), before a resume overwrites them
             from medsr.pretrained import initial_state
 
-            self.generator.load_state_dict(initial_state(config.model, config.scale, config.init), strict=True)
+            start = initial_state(config.model, config.scale, config.init)
+            if isinstance(self.generator, NoiseGated):  # both branches start there; the published one stays
+                self.generator.load_start(start)
+            else:
+                self.generator.load_state_dict(start, strict=True)
+        elif isinstance(self.generator, NoiseGated):
+            raise ValueError(f"model {config.model!r} x{config.scale}: model_options.noise_gate gates a fine-tune "
+                             "against the weights it started from; name those weights in train.models."
+                             f"{config.model}.init")
         if not any(p.requires_grad for p in self.generator.parameters()):
             raise ValueError(f"model {config.model!r} has no trainable parameters; there is nothing to train")
         self.discriminator = None
