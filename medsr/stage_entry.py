@@ -16,6 +16,7 @@ from typing import Any
 
 METRICS_DIR = Path("metrics")
 PAIRS_DIR = Path("data/pairs")  # the degrade stage's out (dvc.yaml), read by train, benchmark and register
+MODELS_DIR = Path("models")  # the train stages' outs (models/<model>/x<scale>), read by benchmark and register
 PARAMS_PATH = Path("params.yaml")
 
 

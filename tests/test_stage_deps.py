@@ -93,3 +93,22 @@ def test_closure_follows_imports_inside_functions(tmp_path: Path) -> None:
     script.write_text("def main():\n    from medsr.sub import late\n")
     found = {p.relative_to(tmp_path.resolve()).as_posix() for p in import_closure([script], tmp_path)}
     assert found == {"run.py", "medsr/__init__.py", "medsr/sub/__init__.py", "medsr/sub/late.py", "medsr/sub/sibling.py"}
+
+
+def test_the_stages_paths_are_dvc_yaml_s_and_no_setting_pretends_to_move_them(
+        stages: dict[str, dict[str, Any]]) -> None:
+    """Where pairs are written and checkpoints kept is fixed by dvc.yaml; training and the benchmark
+    read the same two constants, and params.yaml has no key that would move one of them alone."""
+    from medsr.stage_entry import MODELS_DIR, PAIRS_DIR
+    from medsr.training import TrainConfig
+
+    def outs(stage: dict[str, Any]) -> set[str]:
+        return {next(iter(o)) if isinstance(o, dict) else str(o) for o in stage.get("outs") or []}
+
+    assert PAIRS_DIR.as_posix() in outs(stages["degrade"])
+    assert {f"{MODELS_DIR.as_posix()}/espcn"} <= outs(stages["train@espcn"])
+    assert {PAIRS_DIR.as_posix(), MODELS_DIR.as_posix()} <= set(map(str, stages["benchmark"]["deps"]))
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert not {"pairs_root", "out_root"} & set(params["train"])
+    config = TrainConfig.from_params(dict(params), "espcn", 4)
+    assert (config.pairs_root, config.out_dir) == (PAIRS_DIR.as_posix(), f"{MODELS_DIR.as_posix()}/espcn/x4")

@@ -1,14 +1,17 @@
 """Training configuration: one dataclass, built from ``params.yaml``.
 
-Expected layout of the ``train`` section (every key optional; defaults are the dataclass'):
+Expected layout of the ``train`` section (every key optional; defaults are the dataclass'). Where
+the pairs are read and the checkpoints written is not a setting: ``dvc.yaml`` fixes both
+(``data/pairs``, ``models/<model>``), and every stage reads the same constants
+(:data:`medsr.stage_entry.PAIRS_DIR`, :data:`~medsr.stage_entry.MODELS_DIR`). Code that trains
+outside the pipeline (tests, notebooks) passes ``pairs_root``/``out_dir``, or ``pairs_root`` and
+``out_root`` inside a params dict, to :meth:`TrainConfig.from_params`.
 
 .. code-block:: yaml
 
     seed: 1234                 # top level, shared with the other stages
     train:
       profile: smoke           # which entry of ``profiles`` to apply
-      pairs_root: data/pairs
-      out_root: models         # out_dir = <out_root>/<model>/x<scale>
       feature_weights: null    # VGG19 state_dict file; null -> feature matching
       device: auto
       num_workers: 2
@@ -35,6 +38,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from medsr.stage_entry import MODELS_DIR, PAIRS_DIR
+
 _NESTED = ("loss", "model_options", "discriminator_options")
 # loss.recipe: a name in medsr.losses.RECIPES (default: the model's own); loss.terms: {term key:
 # its constructor arguments}, merged over the recipe's (medsr.losses.recipes.recipe_config).
@@ -52,7 +57,7 @@ class TrainConfig:
 
     model: str
     scale: int
-    pairs_root: str = "data/pairs"
+    pairs_root: str = str(PAIRS_DIR)
     out_dir: str = ""  # default: models/<model>/x<scale>
     profile: str = "default"
     steps: int = 1000  # total generator optimisation steps, warm-up included
@@ -107,7 +112,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.out_dir:
-            self.out_dir = f"models/{self.model}/x{self.scale}"
+            self.out_dir = f"{MODELS_DIR}/{self.model}/x{self.scale}"
         if self.feature_weights is not None and not str(self.feature_weights).strip():
             self.feature_weights = None
         positive = ("steps", "batch_size", "lr_patch", "checkpoint_every", "val_every", "scale", "nproc")
@@ -169,7 +174,7 @@ class TrainConfig:
         train = dict(params.get("train") or {})
         profiles = train.pop("profiles", None) or {}
         models = train.pop("models", None) or {}
-        out_root = train.pop("out_root", "models")
+        out_root = train.pop("out_root", str(MODELS_DIR))
         chosen = profile or train.pop("profile", None) or "default"
         train.pop("profile", None)
         if chosen not in profiles and chosen != "default":

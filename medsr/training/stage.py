@@ -33,7 +33,6 @@ from medsr.training.data import tile_set_path
 
 log = logging.getLogger(__name__)
 
-MODELS_DIR = Path("models")
 INPUTS_NAME = "inputs.json"
 _LEGACY_MARKER = "config.sha256"  # a config-only digest: it cannot vouch for the data or the code
 _HASH_CHUNK = 1 << 20
