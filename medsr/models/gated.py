@@ -120,7 +120,8 @@ class NoiseGated(SRGenerator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return self.tuned(x)
-        lrs = x.detach().float().cpu().numpy()
+        # The noise estimate is numpy/scipy (the consistency step's own): a host copy of each input.
+        lrs = x.detach().float().numpy(force=True)
         return self.blend(x, torch.tensor([self.weight(lr) for lr in lrs], dtype=torch.float64))
 
     def extra_repr(self) -> str:
