@@ -31,8 +31,8 @@ from medsr.inference import Upscaler
 from medsr.models import build_generator, count_parameters
 from medsr.params import section
 from medsr.pipeline import METRICS_DIR, PAIRS_DIR, SPLIT_DIR
-from medsr.stage_entry import MODELS_DIR
 from medsr.pretrained import PRETRAINED_ROOT, checkpoint_inits, load_published
+from medsr.stage_entry import MODELS_DIR
 from medsr.training.checkpoint import checkpoint_info, load_generator
 
 RAW_SUFFIX = ":raw"  # the network's output before the consistency step, in the ablation rows

@@ -164,7 +164,8 @@ class NoiseGate:
 def noise_gated(published: nn.Module, tuned: nn.Module, gate: NoiseGate) -> NoiseGated:
     """The gated pair of copies of ``published`` and ``tuned`` (the module the pipeline trains and
     serves), in eval mode; the arguments are not changed (the pair freezes its published copy)."""
-    return NoiseGated(copy.deepcopy(published), copy.deepcopy(tuned), threshold=gate.threshold, exponent=gate.exponent).eval()
+    return NoiseGated(copy.deepcopy(published), copy.deepcopy(tuned),
+                      threshold=gate.threshold, exponent=gate.exponent).eval()
 
 
 def interpolated(start: nn.Module, tuned: nn.Module, alpha: float) -> nn.Module:
