@@ -16,6 +16,7 @@ outside the pipeline (tests, notebooks) passes ``pairs_root``/``out_dir``, or ``
       device: auto
       num_workers: 2
       nproc: 1               # data-parallel ranks through torchrun (medsr.training.launch)
+      concurrent_scales: auto  # scales of one model trained at once, one process each (CPU)
       profiles:
         smoke: {steps: 200, batch_size: 8, lr_patch: 24, val_every: 50, checkpoint_every: 50}
         full:  {steps: 20000, batch_size: 16, lr_patch: 48, val_every: 1000, checkpoint_every: 1000}
@@ -107,6 +108,11 @@ class TrainConfig:
     # Data-parallel ranks (torchrun, medsr.training.launch); the global batch stays batch_size,
     # each rank trains on batch_size / nproc of it. Not part of what a run computes: see stage.config_digest.
     nproc: int = 1
+    # How many scales of one model train at once, each in its own process on cores // n torch threads
+    # (medsr.training.stage.scale_concurrency): auto is one process per scale on the CPU when the cores
+    # allow, one at a time on a GPU or with nproc > 1. Not part of the digest either (a run resumes
+    # under any value), but the thread count is: float sums round differently on 1 and 2 threads.
+    concurrent_scales: int | str = "auto"
     resume: bool = True  # continue from out_dir/last.pt when it exists
     quiet: bool = False  # no progress bar
 
@@ -125,6 +131,9 @@ class TrainConfig:
                              "every rank trains on an equal shard of the global batch")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"train.warmup_steps must be in 0..steps ({self.steps}), got {self.warmup_steps}")
+        if self.concurrent_scales != "auto" and (not isinstance(self.concurrent_scales, int)
+                                                  or isinstance(self.concurrent_scales, bool) or self.concurrent_scales < 1):
+            raise ValueError(f"train.concurrent_scales must be auto or a positive integer, got {self.concurrent_scales!r}")
         if self.num_workers < 0:
             raise ValueError(f"train.num_workers must be >= 0, got {self.num_workers}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:

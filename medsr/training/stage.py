@@ -40,10 +40,10 @@ _HASH_CHUNK = 1 << 20
 
 def config_digest(config: Any) -> str:
     """The training config (model and discriminator options included), minus what only changes
-    how a run executes (device, workers, ranks, resume, progress bar), not what it computes: a run
-    killed on N ranks resumes on any other number (the global batch does not depend on it)."""
+    how a run executes (device, workers, ranks, scales at once, resume, progress bar), not what it
+    computes: a run killed on N ranks resumes on any other number (the global batch does not depend on it)."""
     relevant = {k: v for k, v in config.to_dict().items()
-                if k not in ("resume", "quiet", "num_workers", "device", "nproc")
+                if k not in ("resume", "quiet", "num_workers", "device", "nproc", "concurrent_scales")
                 and not (k == "init" and v is None)}  # no init: the digests from before init existed
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -163,13 +163,138 @@ def prepare_out_dir(config: Any) -> dict[str, str]:
     return inputs
 
 
+def run_tags(inputs: dict[str, str], world_size: int = 1) -> dict[str, str]:
+    """The MLflow tags of one scale's run: what it was trained on and how it was computed."""
+    import torch
+
+    # The thread count is provenance: the same run on 1 and 2 threads rounds its sums differently.
+    return {"pairs_version": inputs["data"], "code_version": inputs["code"], "inputs_digest": inputs["digest"],
+            "nproc": str(world_size), "torch_threads": str(torch.get_num_threads())}
+
+
+def scale_concurrency(config: Any, n_scales: int, *, distributed: bool = False, cores: int | None = None) -> int:
+    """How many scales of one model train at once (``train.concurrent_scales``).
+
+    ``auto``: on the CPU, one process per scale while every process keeps a core of its own
+    (``min(scales, cores)``); a small network on one thread each keeps both of 2 cores busy where one
+    process on 2 threads leaves a third of them idle (its patch degradation and Python run on one),
+    ESPCN's two scales finished in 0.68x the time (measured, 2 cores). One at a time on a GPU (the
+    scales would share its memory and queue) and under torchrun (each rank is already one of N).
+    An integer is a cap, whatever the device.
+    """
+    from medsr.inference import available_cores, pick_device
+
+    setting = config.concurrent_scales
+    if distributed or n_scales < 2:
+        return 1
+    if setting == "auto":
+        if pick_device(config.device).type != "cpu":
+            return 1
+        return max(1, min(n_scales, cores or available_cores()))
+    return min(int(setting), n_scales)
+
+
+def _train_scales_at_once(params: dict[str, Any], model: str, scales: list[int], at_once: int, *,
+                          profile: str | None) -> dict[str, Any]:
+    """Train ``scales`` in ``at_once`` processes: this one takes every ``at_once``-th scale from the
+    first, each spawned process the same share from the next; each on ``cores // at_once`` torch threads.
+
+    The share of each process and its thread count are fixed before any starts, so a run computes
+    the same numbers whichever process finishes first (threads that grew when a sibling finished
+    would make the result depend on timing). A failed or killed process fails the stage with its
+    scales named; the others are stopped, their checkpoints kept for the next run to resume.
+    """
+    import multiprocessing
+
+    import torch
+
+    from medsr import tracking
+    from medsr.inference import available_cores
+    from medsr.training.config import TrainConfig
+    from medsr.training.tracked import train_tracked
+
+    configs = {scale: TrainConfig.from_params(params, model, scale, profile=profile) for scale in scales}
+    tags = {scale: run_tags(prepare_out_dir(config)) for scale, config in configs.items()}
+    tracking.configure()  # the store and experiment exist before two processes race to create them
+    threads = max(1, available_cores() // at_once)
+    shares = [scales[i::at_once] for i in range(at_once)]
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or handlers
+    children = []
+    for share in shares[1:]:
+        receive, send = spawn.Pipe(duplex=False)
+        child = spawn.Process(target=_train_share, args=(send, params, model, share, profile, threads, tags),
+                              name=f"train {model} {' '.join(f'x{s}' for s in share)}")
+        child.start()
+        send.close()  # only the child holds the sending end: its exit without a result reads as EOF
+        children.append((share, child, receive))
+    results: dict[str, Any] = {}
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for scale in shares[0]:
+            tags[scale]["torch_threads"] = str(threads)
+            results[f"x{scale}"] = train_tracked(configs[scale], params, extra_tags=tags[scale])
+        failures = []
+        for share, child, receive in children:
+            label = ", ".join(f"{model} x{s}" for s in share)
+            try:
+                status, payload = receive.recv()
+            except EOFError:
+                child.join()
+                status, payload = "error", f"its process exited with status {child.exitcode} before reporting"
+            child.join()
+            if status == "ok":
+                results.update(payload)
+            else:
+                failures.append(f"{label}: {payload}")
+        if failures:
+            raise StageFailed("training failed in a parallel process: " + "; ".join(failures))
+    finally:
+        torch.set_num_threads(previous)
+        for _, child, receive in children:
+            if child.is_alive():
+                child.terminate()
+            child.join()
+            receive.close()
+    return {f"x{scale}": results[f"x{scale}"] for scale in scales}
+
+
+def _train_share(send: Any, params: dict[str, Any], model: str, share: list[int], profile: str | None,
+                 threads: int, tags: dict[int, dict[str, str]]) -> None:
+    """A spawned process of :func:`_train_scales_at_once`: its scales in order on ``threads``
+    torch threads; sends ("ok", results) or ("error", the first line of what went wrong)."""
+    import torch
+
+    from medsr.stage_entry import one_line
+    from medsr.training.config import TrainConfig
+    from medsr.training.tracked import train_tracked
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(threads)
+    log.info("%s %s: training in process %d beside its other scales, on %d torch thread(s)",
+             model, " ".join(f"x{s}" for s in share), os.getpid(), threads)
+    try:
+        results = {}
+        for scale in share:
+            tags[scale]["torch_threads"] = str(threads)
+            config = TrainConfig.from_params(params, model, scale, profile=profile)
+            results[f"x{scale}"] = train_tracked(config, params, extra_tags=tags[scale])
+        send.send(("ok", results))
+    except Exception as err:  # the parent names the scale and fails the stage; the traceback stays here
+        log.exception("%s %s: training failed", model, " ".join(f"x{s}" for s in share))
+        send.send(("error", one_line(err)))
+    finally:
+        send.close()
+
+
 def train_stage(params: dict[str, Any], model: str, *, profile: str | None = None) -> dict[str, Any]:
     """Train ``model`` at every scale in degrade.scales, tracked in MLflow; resumes a killed run
     only when its config, data and code are unchanged.
 
     ``train.nproc`` > 1 runs the same function on that many torchrun ranks
     (:mod:`medsr.training.launch`); rank 0 alone prepares the output folder, tracks the run in
-    MLflow and writes the metrics, which this process then reads back.
+    MLflow and writes the metrics, which this process then reads back. Otherwise the scales train
+    side by side in their own processes when :func:`scale_concurrency` says so.
     """
     from medsr.models import model_names
     from medsr.training import dist, launch
@@ -195,17 +320,18 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
         return json.loads(metrics_file.read_text())
 
     ctx = dist.init(first.device if first is not None else "auto")
+    at_once = scale_concurrency(first, len(scales), distributed=ctx.distributed) if first is not None else 1
     results: dict[str, Any] = {}
-    for scale in scales:
+    if at_once > 1:
+        results = _train_scales_at_once(params, model, scales, at_once, profile=profile)
+    for scale in scales if at_once == 1 else ():
         config = TrainConfig.from_params(params, model, scale, profile=profile)
         # Rank 0 alone clears or keeps the folder; the others wait, then read the same checkpoint.
         inputs = prepare_out_dir(config) if ctx.is_main else None
         dist.barrier()
         if ctx.is_main:
             assert inputs is not None
-            results[f"x{scale}"] = train_tracked(config, params, extra_tags={
-                "pairs_version": inputs["data"], "code_version": inputs["code"], "inputs_digest": inputs["digest"],
-                "nproc": str(ctx.world_size)})
+            results[f"x{scale}"] = train_tracked(config, params, extra_tags=run_tags(inputs, ctx.world_size))
         else:
             train_generator(config)
     summary = {"model": model, "scales": results}
