@@ -34,13 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.states import Failed, State
 from prefect.tasks import exponential_backoff
 
 from medsr.dvc_stages import DvcYamlError, expanded_stages
-from medsr.params import ParamsError, load_params
+from medsr.params import ParamsError, load_params, parse_yaml
 
 STAGE_RAN = re.compile(r"^Running stage '([^']+)'")
 PROGRESS_BAR = re.compile(r"\d+%\|")
@@ -96,7 +95,7 @@ def pipeline_stages(repo: Path) -> list[StageSpec]:
     if not path.is_file():
         raise StageError(f"{path} not found: pass the repository root as `repo`")
     try:
-        stages = expanded_stages(yaml.safe_load(path.read_text()) or {}, load_params(Path(repo) / "params.yaml"))
+        stages = expanded_stages(parse_yaml(path.read_text()) or {}, load_params(Path(repo) / "params.yaml"))
     except (DvcYamlError, ParamsError) as err:
         raise StageError(str(err)) from None
     return [_spec(name, body) for name, body in stages.items()]

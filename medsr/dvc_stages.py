@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from medsr.params import section
+from medsr.params import parse_yaml, section
 
 
 class DvcYamlError(ValueError):
@@ -46,5 +46,5 @@ def expanded_stages(dvc_yaml: Mapping[str, Any], params: Mapping[str, Any]) -> d
             continue
         for key in foreach_keys(name, body["foreach"], params):
             text = yaml.safe_dump(body["do"]).replace("${item}", key).replace("${key}", key)
-            stages[f"{name}@{key}"] = yaml.safe_load(text)
+            stages[f"{name}@{key}"] = parse_yaml(text)
     return stages

@@ -62,11 +62,11 @@ def locked_hash(out: Path, stage: str = "degrade", lock: Path = Path("dvc.lock")
     names it, relative to the lock's folder); None without a lock or such an output."""
     if not lock.is_file():
         return None
-    import yaml
+    from medsr.params import parse_yaml
 
     wanted = Path(os.path.relpath(Path(out).resolve(), lock.resolve().parent)).as_posix() if Path(out).is_absolute() \
         else Path(out).as_posix()
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    stages = (parse_yaml(lock.read_text()) or {}).get("stages", {})
     for entry in stages.get(stage, {}).get("outs", []):
         if entry.get("path") == wanted and entry.get("md5"):
             return f"dvc:{entry['md5']}"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +49,16 @@ def test_missing_params_file_is_named(tmp_path: Path) -> None:
     proc = medsr(["split", "--params", "nowhere.yaml"], tmp_path)
     assert proc.returncode == 1
     assert "nowhere.yaml" in one_line(proc.stderr)
+
+
+def test_the_fast_yaml_parser_reads_the_repository_files_as_safe_load_does() -> None:
+    from medsr.params import parse_yaml
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("params.yaml", "dvc.yaml", "dvc.lock", "prefect.yaml"):
+        text = (root / name).read_text()
+        assert parse_yaml(text) == yaml.safe_load(text), name
+    with pytest.raises(yaml.YAMLError):  # what load_params turns into a ParamsError naming the file
+        parse_yaml("a: [1, 2\nb: 3")
+    with pytest.raises(yaml.YAMLError):  # safe: no Python objects from tags
+        parse_yaml("!!python/object/apply:os.system ['true']")
