@@ -27,7 +27,7 @@ from medsr.data.pairs import PairSet
 from medsr.data.split import file_label
 from medsr.degradations import TRACKS
 from medsr.evaluation import HeldOutImage, evaluate_images, summarize
-from medsr.inference import Upscaler
+from medsr.inference import Upscaler, available_cores
 from medsr.models import build_generator, count_parameters
 from medsr.params import section
 from medsr.pipeline import METRICS_DIR, PAIRS_DIR, SPLIT_DIR
@@ -176,15 +176,95 @@ def image_sources(split_table: Path) -> dict[str, str]:
     return {i: file_label(str(p), str(s)) for i, p, s in zip(table["id"], table["path"], table["source"], strict=True)}
 
 
+def references_at(references: Mapping[str, Mapping[int, nn.Module]], scale: int) -> dict[str, nn.Module]:
+    """The reference networks (published weights) that exist at ``scale``, by name."""
+    return {name: networks[scale] for name, networks in references.items() if scale in networks}
+
+
+def _score_scale(scale: int, *, models: Sequence[str], pairs_root: Path, models_root: Path, tracks: Sequence[str],
+                 consistency: ConsistencySettings, sources: Mapping[str, str], device: str,
+                 max_per_modality: int | None, references: Mapping[str, Mapping[int, nn.Module]]) -> dict[str, Any]:
+    """One scale of :func:`benchmark`, latency aside: its rows, image keys and per-model details."""
+    extra = references_at(references, scale)
+    rows: list[dict[str, Any]] = []
+    details: dict[str, Any] = {}
+    keys: dict[str, Any] = {}
+    sets = {(split, track): held_out_images(pairs_root, split, scale, track, sources, max_per_modality)
+            for split in EVAL_SPLITS for track in tracks}
+    for (split, track), images in sets.items():
+        per_track = keys.setdefault(split, {}).setdefault(track, {})
+        for image in images:
+            per_track.setdefault(image.modality, []).append(image.key)
+    baseline = build_generator("bicubic", scale)
+    records: dict[str, list[dict[str, Any]]] = {split: [] for split in EVAL_SPLITS}
+    for (split, _track), images in sets.items():
+        records[split] += evaluate_images(baseline_outputs(scale, consistency, device), images, scale)
+    for name in (*BASELINES, *models, *extra):
+        if name in BASELINES:
+            generator, info = baseline, {}
+        else:
+            if name in extra:
+                generator, info = extra[name].to(device).eval(), {"phase": "published"}
+            else:
+                checkpoint = models_root / name / f"x{scale}" / "best.pt"
+                generator, info = load_generator(checkpoint, device), checkpoint_info(checkpoint)
+            outputs = model_outputs(generator, name, scale, consistency, device)
+            for (split, _track), images in sets.items():
+                records[split] += evaluate_images(outputs, images, scale)
+        details[name] = {
+            "params": count_parameters(generator),
+            "macs_per_output_mpixel": macs_per_output_megapixel(generator, scale) if name not in BASELINES else 0.0,
+            "trained_steps": info.get("step"),
+            "phase": info.get("phase", "pixel" if name not in BASELINES else None),
+            "best_val_psnr": info.get("best_val_psnr"),
+            "feature_loss": info.get("feature_loss"),
+            "model_options": info.get("model_options"),  # the size trained (a profile may train a smaller member)
+        }
+    for split in EVAL_SPLITS:
+        for row in summarize(records[split]):
+            raw = row["model"].endswith(RAW_SUFFIX)
+            model = row["model"].removesuffix(RAW_SUFFIX)
+            rows.append({**row, "model": model, "scale": scale, "split": split,
+                         "consistency": bool(consistency.enabled and not raw and model != "bicubic"),
+                         "network": "bicubic" if model in BASELINES else model,
+                         "phase": details.get(model, {}).get("phase")})
+    return {"rows": rows, "images": keys, "details": details}
+
+
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)  # the processes share the cores
+
+
+def map_scales(func: Callable[[int], Any], scales: Sequence[int], workers: int) -> list[Any]:
+    """``[func(scale) for scale in scales]``, on ``workers`` spawned processes of one torch thread
+    each when ``workers`` > 1 (``func`` must pickle: a module-level function or a partial of one).
+
+    Scores computed there are those of one torch thread, whichever process finishes first (1 and 2
+    threads may round float sums differently). The scoring's NumPy and SciPy parts run on one core, so
+    on 2 cores two scales side by side finish sooner than one process on 2 threads.
+    """
+    if workers <= 1 or len(scales) < 2:
+        return [func(scale) for scale in scales]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: a fresh interpreter (a fork would copy a host process's threads and locks, e.g. a Prefect worker's)
+    with ProcessPoolExecutor(max_workers=min(workers, len(scales)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_torch_thread) as pool:
+        return list(pool.map(func, scales))
+
+
 def benchmark(models: Sequence[str], scales: Sequence[int], pairs_root: Path, models_root: Path,
               *, tracks: Sequence[str] = TRACKS, consistency: ConsistencySettings = ConsistencySettings(),
               sources: Mapping[str, str] | None = None, latency_side: int = 256, device: str = "cpu",
               max_per_modality: int | None = None,
-              references: Mapping[str, Mapping[int, nn.Module]] | None = None) -> dict[str, Any]:
+              references: Mapping[str, Mapping[int, nn.Module]] | None = None, workers: int = 1) -> dict[str, Any]:
     """Score each trained model and both baselines on the test and val tracks, per modality.
 
     ``references``: networks scored beside them without a checkpoint of their own, by name and
     scale: a published network as a user gets it (``rlfn@published``, :mod:`medsr.pretrained`).
+    ``workers`` > 1 scores the scales in that many processes (:func:`map_scales`); the CPU latency
+    is timed here afterwards, one network at a time (timed beside other work it would be wrong).
 
     ``results``: test rows per model (and ``bicubic``, ``bicubic+consistency``), scale, track and
     modality (and ``all``), each with ``images``, ``files``, PSNR/SSIM, bicubic's, ``gain_db`` and
@@ -195,53 +275,31 @@ def benchmark(models: Sequence[str], scales: Sequence[int], pairs_root: Path, mo
     the consistency step. ``images``: the image keys behind every cell. ``max_per_modality``
     limits each set to evenly spaced images (smoke runs).
     """
-    sources = dict(sources or {})
+    from functools import partial
+
+    references = dict(references or {})
+    score = partial(_score_scale, models=list(models), pairs_root=Path(pairs_root), models_root=Path(models_root),
+                    tracks=list(tracks), consistency=consistency, sources=dict(sources or {}), device=device,
+                    max_per_modality=max_per_modality, references=references)
     rows: list[dict[str, Any]] = []
     image_keys: dict[str, Any] = {}
     details: dict[str, Any] = {}
-    for scale in scales:
-        sets = {(split, track): held_out_images(pairs_root, split, scale, track, sources, max_per_modality)
-                for split in EVAL_SPLITS for track in tracks}
-        for (split, track), images in sets.items():
-            keys = image_keys.setdefault(f"x{scale}", {}).setdefault(split, {}).setdefault(track, {})
-            for image in images:
-                keys.setdefault(image.modality, []).append(image.key)
-        baseline = build_generator("bicubic", scale)
-        records = {split: [] for split in EVAL_SPLITS}
-        for (split, _track), images in sets.items():
-            records[split] += evaluate_images(baseline_outputs(scale, consistency, device), images, scale)
-        extra = {name: networks[scale] for name, networks in (references or {}).items() if scale in networks}
-        for name in (*BASELINES, *models, *extra):
+    for scale, part in zip(scales, map_scales(score, scales, workers), strict=True):
+        rows += part["rows"]
+        image_keys[f"x{scale}"] = part["images"]
+        extra = references_at(references, scale)
+        for name, detail in part["details"].items():
             if name in BASELINES:
-                generator, info = baseline, {}
+                generator = build_generator("bicubic", scale)
             else:
-                if name in extra:
-                    generator, info = extra[name].to(device).eval(), {"phase": "published"}
-                else:
-                    checkpoint = models_root / name / f"x{scale}" / "best.pt"
-                    generator, info = load_generator(checkpoint, device), checkpoint_info(checkpoint)
-                outputs = model_outputs(generator, name, scale, consistency, device)
-                for (split, _track), images in sets.items():
-                    records[split] += evaluate_images(outputs, images, scale)
-            details.setdefault(name, {})[f"x{scale}"] = {
-                "params": count_parameters(generator),
-                "macs_per_output_mpixel": macs_per_output_megapixel(generator, scale) if name not in BASELINES else 0.0,
-                "cpu_latency_ms_256": round(cpu_latency_ms(generator, latency_side), 2),
-                "trained_steps": info.get("step"),
-                "phase": info.get("phase", "pixel" if name not in BASELINES else None),
-                "best_val_psnr": info.get("best_val_psnr"),
-                "feature_loss": info.get("feature_loss"),
-                "model_options": info.get("model_options"),  # the size trained (a profile may train a smaller member)
-            }
+                generator = extra[name] if name in extra else load_generator(
+                    Path(models_root) / name / f"x{scale}" / "best.pt", device)
+            latency = round(cpu_latency_ms(generator, latency_side), 2)
             generator.to(device)
-        for split in EVAL_SPLITS:
-            for row in summarize(records[split]):
-                raw = row["model"].endswith(RAW_SUFFIX)
-                model = row["model"].removesuffix(RAW_SUFFIX)
-                rows.append({**row, "model": model, "scale": scale, "split": split,
-                             "consistency": bool(consistency.enabled and not raw and model != "bicubic"),
-                             "network": "bicubic" if model in BASELINES else model,
-                             "phase": details.get(model, {}).get(f"x{scale}", {}).get("phase")})
+            details.setdefault(name, {})[f"x{scale}"] = {
+                "params": detail.pop("params"), "macs_per_output_mpixel": detail.pop("macs_per_output_mpixel"),
+                "cpu_latency_ms_256": latency, **detail}
+
     def cell(r: Mapping[str, Any]) -> tuple[Any, ...]:
         return (r["model"], r["scale"], r["track"], r["modality"])
 
@@ -335,7 +393,8 @@ def benchmark_stage(params: dict[str, Any]) -> dict[str, Any]:
     report = benchmark(models, scales, PAIRS_DIR, MODELS_DIR, tracks=tracks, consistency=consistency,
                        sources=image_sources(SPLIT_DIR / "images.parquet"),
                        latency_side=int(cfg.get("latency_side", 256)),
-                       max_per_modality=None if limit is None else int(limit), references=references)
+                       max_per_modality=None if limit is None else int(limit), references=references,
+                       workers=min(len(scales), available_cores()))
     write_json(METRICS_DIR / "benchmark.json", report)
     plots = Path("plots")
     fields = ["series", "modality", "model", "scale", "track", "psnr", "ssim", "gain_db", "ssim_gain", "images"]

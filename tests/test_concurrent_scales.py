@@ -70,8 +70,8 @@ def test_each_scale_computes_what_it_computes_alone_on_as_many_threads(
         pairs_root: Path, workdir: Path, capfd: pytest.CaptureFixture[str]) -> None:
     together = train_stage(two_scale_params(pairs_root, workdir / "together", 2), "espcn")
     logged = capfd.readouterr().err
-    # x4 trained in another process (the spawned one announces itself), on one thread of the two cores.
-    announced = re.search(r"espcn x4: training in process (\d+) beside its other scales, on 1 torch thread", logged)
+    # x2 trained in another process (the spawned one announces itself), on one thread of the two cores.
+    announced = re.search(r"espcn x2: training in process (\d+) beside its other scales, on 1 torch thread", logged)
     assert announced and int(announced.group(1)) != os.getpid(), logged[-3000:]
     assert multiprocessing.active_children() == []
 
@@ -98,22 +98,22 @@ def test_each_scale_computes_what_it_computes_alone_on_as_many_threads(
 
 
 def test_a_failure_in_the_spawned_process_fails_the_stage_naming_its_scale(pairs_root: Path, workdir: Path) -> None:
-    params = two_scale_params(pairs_root, workdir, 2, x4={"model_options": {"no_such_option": 1}})
-    with pytest.raises(StageFailed, match=r"espcn x4: .*no_such_option"):
+    params = two_scale_params(pairs_root, workdir, 2, x2={"model_options": {"no_such_option": 1}})
+    with pytest.raises(StageFailed, match=r"espcn x2: .*no_such_option"):
         train_stage(params, "espcn")
     assert multiprocessing.active_children() == []
-    assert load_checkpoint(workdir / "models" / "espcn" / "x2" / "last.pt")["step"] == 24  # its sibling finished
+    assert load_checkpoint(workdir / "models" / "espcn" / "x4" / "last.pt")["step"] == 24  # its sibling finished
     assert not (workdir / "metrics" / "train" / "espcn.json").exists()  # no summary of a failed stage
 
 
 def test_a_failure_in_the_stage_process_stops_the_spawned_one(pairs_root: Path, workdir: Path) -> None:
-    params = two_scale_params(pairs_root, workdir, 2, x2={"model_options": {"no_such_option": 1}})
+    params = two_scale_params(pairs_root, workdir, 2, x4={"model_options": {"no_such_option": 1}})
     with pytest.raises(Exception, match="no_such_option"):
         train_stage(params, "espcn")
     assert multiprocessing.active_children() == []
-    # Stopped, not waited for: x4 had not finished (it needs seconds to start; x2 failed at once).
-    x4 = workdir / "models" / "espcn" / "x4" / "last.pt"
-    assert not x4.exists() or load_checkpoint(x4)["step"] < 24
+    # Stopped, not waited for: x2 had not finished (it needs seconds to start; x4 failed at once).
+    x2 = workdir / "models" / "espcn" / "x2" / "last.pt"
+    assert not x2.exists() or load_checkpoint(x2)["step"] < 24
     assert not (workdir / "metrics" / "train" / "espcn.json").exists()
 
 

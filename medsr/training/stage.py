@@ -196,8 +196,10 @@ def scale_concurrency(config: Any, n_scales: int, *, distributed: bool = False, 
 
 def _train_scales_at_once(params: dict[str, Any], model: str, scales: list[int], at_once: int, *,
                           profile: str | None) -> dict[str, Any]:
-    """Train ``scales`` in ``at_once`` processes: this one takes every ``at_once``-th scale from the
-    first, each spawned process the same share from the next; each on ``cores // at_once`` torch threads.
+    """Train ``scales`` in ``at_once`` processes, each on ``cores // at_once`` torch threads: the
+    spawned ones take every ``at_once``-th scale from the first, the next, ...; this one takes the
+    last share (the largest scale: the longer run for most models, so the seconds a spawned
+    process spends importing torch and MLflow come off the shorter one).
 
     The share of each process and its thread count are fixed before any starts, so a run computes
     the same numbers whichever process finishes first (threads that grew when a sibling finished
@@ -220,7 +222,7 @@ def _train_scales_at_once(params: dict[str, Any], model: str, scales: list[int],
     shares = [scales[i::at_once] for i in range(at_once)]
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or handlers
     children = []
-    for share in shares[1:]:
+    for share in shares[:-1]:
         receive, send = spawn.Pipe(duplex=False)
         child = spawn.Process(target=_train_share, args=(send, params, model, share, profile, threads, tags),
                               name=f"train {model} {' '.join(f'x{s}' for s in share)}")
@@ -231,7 +233,7 @@ def _train_scales_at_once(params: dict[str, Any], model: str, scales: list[int],
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        for scale in shares[0]:
+        for scale in shares[-1]:
             tags[scale]["torch_threads"] = str(threads)
             results[f"x{scale}"] = train_tracked(configs[scale], params, extra_tags=tags[scale])
         failures = []

@@ -1,0 +1,61 @@
+"""The benchmark's scales scored side by side (one spawned process each) give the report one
+process gives on one torch thread; only the CPU latency, timed afterwards, is a fresh measurement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from test_evaluate import _image
+
+from medsr.params import load_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def without_latency(report: dict[str, Any]) -> dict[str, Any]:
+    models = {name: {scale: {k: v for k, v in detail.items() if k != "cpu_latency_ms_256"}
+                     for scale, detail in scales.items()} for name, scales in report["models"].items()}
+    return {**report, "models": models}
+
+
+def test_scales_scored_in_two_processes_match_one_process_on_one_thread(tmp_path: Path) -> None:
+    from medsr.benchmark import benchmark
+    from medsr.consistency import ConsistencySettings
+    from medsr.data.pairing import build_pair_sets
+    from medsr.training import TrainConfig
+    from medsr.training.trainer import train_generator
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    params["degrade"]["scales"] = [2, 4]
+    rng = np.random.default_rng(11)
+    rows = []
+    for i, (modality, split) in enumerate([(m, s) for m in ("xray", "mri") for s in ("train", "train", "val", "test")]):
+        name = f"img{i}.npy"
+        np.save(tmp_path / name, _image(rng, 64 + 8 * (i % 3), 72))
+        rows.append({"id": f"{modality}-{i:04d}", "modality": modality, "array": name, "split": split})
+    build_pair_sets(pd.DataFrame(rows), tmp_path, tmp_path / "pairs", params["degrade"])
+    for scale in (2, 4):
+        train_generator(TrainConfig(model="espcn", scale=scale, pairs_root=str(tmp_path / "pairs"),
+                                    out_dir=str(tmp_path / f"models/espcn/x{scale}"), steps=8, batch_size=4, lr_patch=8,
+                                    val_every=4, checkpoint_every=4, num_workers=0, quiet=True))
+    consistency = ConsistencySettings.from_params(params["consistency"])
+
+    def run(workers: int) -> dict[str, Any]:
+        return benchmark(["espcn"], [2, 4], tmp_path / "pairs", tmp_path / "models", consistency=consistency,
+                         latency_side=32, workers=workers)
+
+    together = run(2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = run(1)
+    finally:
+        torch.set_num_threads(previous)
+    assert {r["scale"] for r in together["results"]} == {2, 4}
+    assert without_latency(together) == without_latency(alone)
+    assert all(detail["cpu_latency_ms_256"] > 0 for scales in together["models"].values() for detail in scales.values())
+    assert list(together["models"]["espcn"]["x2"]) == list(alone["models"]["espcn"]["x2"])  # same keys, same order
