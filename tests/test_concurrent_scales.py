@@ -22,7 +22,7 @@ from test_training import write_pair_sets
 from medsr.params import load_params
 from medsr.stage_entry import StageFailed
 from medsr.training import TrainConfig, load_checkpoint
-from medsr.training.stage import config_digest, scale_concurrency, train_stage
+from medsr.training.stage import config_digest, previous_seconds, process_shares, scale_concurrency, train_stage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,3 +137,15 @@ def test_how_many_scales_train_at_once(pairs_root: Path, tmp_path: Path, monkeyp
             config(bad)
     # How a run is scheduled is not what it computes: a run resumes under any setting.
     assert config_digest(config(1)) == config_digest(config(2)) == config_digest(auto)
+
+
+def test_the_stage_process_takes_the_share_that_took_longest_last_time(tmp_path: Path) -> None:
+    assert process_shares([2, 4], 2) == [[2], [4]]  # no record: the largest scale stays here
+    assert process_shares([2, 4], 2, {2: 157.0, 4: 123.0}) == [[4], [2]]
+    assert process_shares([2, 4], 2, {2: 30.0, 4: 46.0}) == [[2], [4]]
+    assert process_shares([2, 3, 4], 2, {2: 10.0, 3: 50.0, 4: 10.0}) == [[2, 4], [3]]
+    record = tmp_path / "espcn.json"
+    record.write_text('{"model": "espcn", "scales": {"x2": {"seconds": 157.0}, "x4": {"seconds": 123.0}}}')
+    assert previous_seconds(record) == {2: 157.0, 4: 123.0}
+    record.write_text("{not json")
+    assert previous_seconds(record) == {} and previous_seconds(tmp_path / "missing.json") == {}

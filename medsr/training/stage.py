@@ -194,12 +194,32 @@ def scale_concurrency(config: Any, n_scales: int, *, distributed: bool = False, 
     return min(int(setting), n_scales)
 
 
+def process_shares(scales: list[int], at_once: int, previous_seconds: dict[int, float] | None = None) -> list[list[int]]:
+    """The scales each of ``at_once`` processes trains, the stage process's share last: every
+    ``at_once``-th scale from the first, the second, ...; ordered by the seconds each scale took
+    last time (``metrics/train/<model>.json``) when known, so the stage process takes the longest
+    share and the ~5 s a spawned process spends importing torch and MLflow come off a shorter one.
+    Without a record the largest scale's share is last. Which process trains a scale does not
+    change what it computes (every process has the same thread count)."""
+    shares = [scales[i::at_once] for i in range(at_once)]
+    if previous_seconds:
+        shares.sort(key=lambda share: sum(previous_seconds.get(scale, 0.0) for scale in share))  # stable on ties
+    return shares
+
+
+def previous_seconds(metrics_file: Path) -> dict[int, float]:
+    """Seconds per scale of the last recorded run of a model's train stage; empty when unreadable."""
+    try:
+        scales = json.loads(metrics_file.read_text())["scales"]
+        return {int(key.removeprefix("x")): float(entry["seconds"]) for key, entry in scales.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def _train_scales_at_once(params: dict[str, Any], model: str, scales: list[int], at_once: int, *,
-                          profile: str | None) -> dict[str, Any]:
-    """Train ``scales`` in ``at_once`` processes, each on ``cores // at_once`` torch threads: the
-    spawned ones take every ``at_once``-th scale from the first, the next, ...; this one takes the
-    last share (the largest scale: the longer run for most models, so the seconds a spawned
-    process spends importing torch and MLflow come off the shorter one).
+                          profile: str | None, shares: list[list[int]]) -> dict[str, Any]:
+    """Train ``scales`` in ``at_once`` processes, each on ``cores // at_once`` torch threads: a
+    spawned process for each of ``shares`` but the last, which this one trains (:func:`process_shares`).
 
     The share of each process and its thread count are fixed before any starts, so a run computes
     the same numbers whichever process finishes first (threads that grew when a sibling finished
@@ -219,7 +239,6 @@ def _train_scales_at_once(params: dict[str, Any], model: str, scales: list[int],
     tags = {scale: run_tags(prepare_out_dir(config)) for scale, config in configs.items()}
     tracking.configure()  # the store and experiment exist before two processes race to create them
     threads = max(1, available_cores() // at_once)
-    shares = [scales[i::at_once] for i in range(at_once)]
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or handlers
     children = []
     for share in shares[:-1]:
@@ -325,7 +344,8 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
     at_once = scale_concurrency(first, len(scales), distributed=ctx.distributed) if first is not None else 1
     results: dict[str, Any] = {}
     if at_once > 1:
-        results = _train_scales_at_once(params, model, scales, at_once, profile=profile)
+        results = _train_scales_at_once(params, model, scales, at_once, profile=profile,
+                                        shares=process_shares(scales, at_once, previous_seconds(metrics_file)))
     for scale in scales if at_once == 1 else ():
         config = TrainConfig.from_params(params, model, scale, profile=profile)
         # Rank 0 alone clears or keeps the folder; the others wait, then read the same checkpoint.
