@@ -111,7 +111,8 @@ class TrainConfig:
     # How many scales of one model train at once, each in its own process on cores // n torch threads
     # (medsr.training.stage.scale_concurrency): auto is one process per scale on the CPU when the cores
     # allow, one at a time on a GPU or with nproc > 1. Not part of the digest either (a run resumes
-    # under any value), but the thread count is: float sums round differently on 1 and 2 threads.
+    # under any value); the thread count it implies changes the float rounding, so each MLflow run
+    # records it (tag torch_threads).
     concurrent_scales: int | str = "auto"
     resume: bool = True  # continue from out_dir/last.pt when it exists
     quiet: bool = False  # no progress bar

@@ -163,13 +163,14 @@ def prepare_out_dir(config: Any) -> dict[str, str]:
     return inputs
 
 
-def run_tags(inputs: dict[str, str], world_size: int = 1) -> dict[str, str]:
-    """The MLflow tags of one scale's run: what it was trained on and how it was computed."""
+def run_tags(inputs: dict[str, str], world_size: int = 1, threads: int | None = None) -> dict[str, str]:
+    """The MLflow tags of one scale's run: what it was trained on and how it was computed
+    (``threads``: the torch threads it trains on; default this process's now)."""
     import torch
 
     # The thread count is provenance: the same run on 1 and 2 threads rounds its sums differently.
     return {"pairs_version": inputs["data"], "code_version": inputs["code"], "inputs_digest": inputs["digest"],
-            "nproc": str(world_size), "torch_threads": str(torch.get_num_threads())}
+            "nproc": str(world_size), "torch_threads": str(threads or torch.get_num_threads())}
 
 
 def scale_concurrency(config: Any, n_scales: int, *, distributed: bool = False, cores: int | None = None) -> int:
@@ -235,15 +236,16 @@ def _train_scales_at_once(params: dict[str, Any], model: str, scales: list[int],
     from medsr.training.config import TrainConfig
     from medsr.training.tracked import train_tracked
 
-    configs = {scale: TrainConfig.from_params(params, model, scale, profile=profile) for scale in scales}
-    tags = {scale: run_tags(prepare_out_dir(config)) for scale, config in configs.items()}
-    tracking.configure()  # the store and experiment exist before two processes race to create them
     threads = max(1, available_cores() // at_once)
+    configs = {scale: TrainConfig.from_params(params, model, scale, profile=profile) for scale in scales}
+    tags = {scale: run_tags(prepare_out_dir(config), threads=threads) for scale, config in configs.items()}
+    tracking.configure()  # the store and experiment exist before two processes race to create them
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or handlers
     children = []
     for share in shares[:-1]:
         receive, send = spawn.Pipe(duplex=False)
-        child = spawn.Process(target=_train_share, args=(send, params, model, share, profile, threads, tags),
+        child = spawn.Process(target=_train_share, args=(send, params, model, {s: configs[s] for s in share},
+                                                         threads, tags),
                               name=f"train {model} {' '.join(f'x{s}' for s in share)}")
         child.start()
         send.close()  # only the child holds the sending end: its exit without a result reads as EOF
@@ -253,7 +255,6 @@ def _train_scales_at_once(params: dict[str, Any], model: str, scales: list[int],
     try:
         torch.set_num_threads(threads)
         for scale in shares[-1]:
-            tags[scale]["torch_threads"] = str(threads)
             results[f"x{scale}"] = train_tracked(configs[scale], params, extra_tags=tags[scale])
         failures = []
         for share, child, receive in children:
@@ -280,29 +281,24 @@ def _train_scales_at_once(params: dict[str, Any], model: str, scales: list[int],
     return {f"x{scale}": results[f"x{scale}"] for scale in scales}
 
 
-def _train_share(send: Any, params: dict[str, Any], model: str, share: list[int], profile: str | None,
-                 threads: int, tags: dict[int, dict[str, str]]) -> None:
-    """A spawned process of :func:`_train_scales_at_once`: its scales in order on ``threads``
-    torch threads; sends ("ok", results) or ("error", the first line of what went wrong)."""
+def _train_share(send: Any, params: dict[str, Any], model: str, configs: dict[int, Any], threads: int,
+                 tags: dict[int, dict[str, str]]) -> None:
+    """A spawned process of :func:`_train_scales_at_once`: its scales' ``configs`` in order on
+    ``threads`` torch threads; sends ("ok", results) or ("error", the first line of what went wrong)."""
     import torch
 
     from medsr.stage_entry import one_line
-    from medsr.training.config import TrainConfig
     from medsr.training.tracked import train_tracked
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(threads)
-    log.info("%s %s: training in process %d beside its other scales, on %d torch thread(s)",
-             model, " ".join(f"x{s}" for s in share), os.getpid(), threads)
+    label = f"{model} {' '.join(f'x{s}' for s in configs)}"
+    log.info("%s: training in process %d beside its other scales, on %d torch thread(s)", label, os.getpid(), threads)
     try:
-        results = {}
-        for scale in share:
-            tags[scale]["torch_threads"] = str(threads)
-            config = TrainConfig.from_params(params, model, scale, profile=profile)
-            results[f"x{scale}"] = train_tracked(config, params, extra_tags=tags[scale])
+        results = {f"x{scale}": train_tracked(config, params, extra_tags=tags[scale]) for scale, config in configs.items()}
         send.send(("ok", results))
     except Exception as err:  # the parent names the scale and fails the stage; the traceback stays here
-        log.exception("%s %s: training failed", model, " ".join(f"x{s}" for s in share))
+        log.exception("%s: training failed", label)
         send.send(("error", one_line(err)))
     finally:
         send.close()
@@ -346,16 +342,17 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
     if at_once > 1:
         results = _train_scales_at_once(params, model, scales, at_once, profile=profile,
                                         shares=process_shares(scales, at_once, previous_seconds(metrics_file)))
-    for scale in scales if at_once == 1 else ():
-        config = TrainConfig.from_params(params, model, scale, profile=profile)
-        # Rank 0 alone clears or keeps the folder; the others wait, then read the same checkpoint.
-        inputs = prepare_out_dir(config) if ctx.is_main else None
-        dist.barrier()
-        if ctx.is_main:
-            assert inputs is not None
-            results[f"x{scale}"] = train_tracked(config, params, extra_tags=run_tags(inputs, ctx.world_size))
-        else:
-            train_generator(config)
+    else:
+        for scale in scales:
+            config = TrainConfig.from_params(params, model, scale, profile=profile)
+            # Rank 0 alone clears or keeps the folder; the others wait, then read the same checkpoint.
+            inputs = prepare_out_dir(config) if ctx.is_main else None
+            dist.barrier()
+            if ctx.is_main:
+                assert inputs is not None
+                results[f"x{scale}"] = train_tracked(config, params, extra_tags=run_tags(inputs, ctx.world_size))
+            else:
+                train_generator(config)
     summary = {"model": model, "scales": results}
     if ctx.is_main:
         write_json(metrics_file, summary)
