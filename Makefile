@@ -46,11 +46,14 @@ run-pretrained: venv
 
 # scripts/test-deps.sh installs Chromium and dcmtk when missing and runs the suite beside a
 # throw-away PostgreSQL; .ci/run is `make test` too.
+# One pytest process per core (-n auto), each test file on one of them (--dist loadfile: a file's
+# module fixtures, e.g. the e2e pipeline, are built once). In-process tests use one torch thread
+# (tests/conftest.py), so one process alone left the second core idle: 24:51 on 2 cores, measured.
 test: venv
-	bash scripts/test-deps.sh $(PY) -m pytest -q
+	bash scripts/test-deps.sh $(PY) -m pytest -q -n auto --dist loadfile
 
 test-fast: venv
-	bash scripts/test-deps.sh $(PY) -m pytest -q -m "not slow"
+	bash scripts/test-deps.sh $(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 bench: venv
 	$(PY) benchmarks/bench_data.py
