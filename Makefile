@@ -18,12 +18,13 @@ export PYTHONUNBUFFERED := 1
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, by exact version: it takes the CPU build on disk (a range would pull CUDA). pip compiles
 	# its 2,300 modules on one core (~25 s); compileall -j 0 does it on every core (~12 s on 2). Like pip, it
 	# goes on past a module written for a newer Python (torch ships one for 3.12), hence the `|| true`.
+	# All of site-packages, not torch/ alone: torch's own dependencies (sympy, networkx, ...) came in with it
+	# uncompiled, and a process that builds an optimizer imports sympy (3.9 s to compile it each time).
 	$(PY) -m pip install --quiet --no-compile torch==2.13.0 uv
-	$(PY) -m compileall -q -j 0 $(VENV)/lib/python*/site-packages/torch > /dev/null || true
+	$(PY) -m compileall -q -j 0 $(VENV)/lib/python*/site-packages > /dev/null || true
 	# The rest through uv: the same resolution as pip (checked: identical freeze), ~45 s instead of ~3 min;
 	# uv does not read pip's config, so it could not find the CPU torch file, hence pip for torch.
 	# --compile-bytecode as pip does: without .pyc files each process recompiles what it imports (~5 s).

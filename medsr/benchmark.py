@@ -74,14 +74,18 @@ def macs_per_output_megapixel(model: nn.Module, scale: int, lr_side: int = 32) -
     return count_macs(model, lr_side) / ((lr_side * scale) ** 2 / 1e6)
 
 
-def cpu_latency_ms(model: nn.Module, side: int = 256, repeats: int = 3) -> float:
-    """Median wall time of one forward pass on a ``side`` x ``side`` LR input, on the CPU."""
+def cpu_latency_ms(model: nn.Module, side: int = 256, repeats: int = 3, budget_s: float = 1.0) -> float:
+    """Median wall time of one forward pass on a ``side`` x ``side`` LR input, on the CPU: of
+    ``repeats`` timed passes after a warm-up, fewer once the timed ones add up to ``budget_s``
+    (at least one; like timeit's autorange, a second-long pass needs no three repeats to be read)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     model = model.to("cpu").eval()
     x = torch.rand(1, 1, side, side)
     with torch.inference_mode():
         model(x)  # warm-up: first call allocates and picks kernels
-        times = []
-        for _ in range(repeats):
+        times: list[float] = []
+        while len(times) < repeats and sum(times) < budget_s * 1000:
             start = time.perf_counter()
             model(x)
             times.append((time.perf_counter() - start) * 1000)

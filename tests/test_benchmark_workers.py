@@ -59,3 +59,35 @@ def test_scales_scored_in_two_processes_match_one_process_on_one_thread(tmp_path
     assert without_latency(together) == without_latency(alone)
     assert all(detail["cpu_latency_ms_256"] > 0 for scales in together["models"].values() for detail in scales.values())
     assert list(together["models"]["espcn"]["x2"]) == list(alone["models"]["espcn"]["x2"])  # same keys, same order
+
+
+class _Timed(torch.nn.Module):
+    """A network whose forward takes ``seconds`` (sleeps), counting its calls."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self.calls = seconds, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        self.calls += 1
+        time.sleep(self.seconds)
+        return x
+
+
+def test_latency_times_three_passes_after_a_warm_up_fewer_when_each_is_slow() -> None:
+    import pytest
+
+    from medsr.benchmark import cpu_latency_ms
+
+    fast = _Timed(0.0)
+    assert cpu_latency_ms(fast, side=8) >= 0.0 and fast.calls == 1 + 3
+    slow = _Timed(0.3)
+    latency = cpu_latency_ms(slow, side=8, budget_s=0.5)
+    assert slow.calls == 1 + 2  # 0.3 s, then 0.6 s timed: past the budget, no third pass
+    assert 300.0 <= latency < 1000.0
+    slowest = _Timed(0.6)
+    assert cpu_latency_ms(slowest, side=8, budget_s=0.5) >= 600.0 and slowest.calls == 1 + 1
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        cpu_latency_ms(fast, side=8, repeats=0)

@@ -8,6 +8,7 @@ process must fail the stage with the scale named, leaving no process behind.
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from test_training import write_pair_sets
 
 from medsr.params import load_params
@@ -97,8 +99,28 @@ def test_each_scale_computes_what_it_computes_alone_on_as_many_threads(
     assert all(run.info.status == "FINISHED" and run.data.tags["torch_threads"] == "1" for run in concurrent)
 
 
+def test_the_last_record_decides_which_scale_is_spawned_and_is_replaced(
+        pairs_root: Path, workdir: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # DVC deletes a stage's outputs before its command unless they persist: the record must survive to be read.
+    stage = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]
+    record_out = next(out for out in stage["metrics"] if "metrics/train/${key}.json" in out)
+    assert record_out["metrics/train/${key}.json"].get("persist") is True
+    record = workdir / "metrics" / "train" / "espcn.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"model": "espcn", "scales": {"x2": {"seconds": 157.0}, "x4": {"seconds": 123.0}}}')
+    summary = train_stage(two_scale_params(pairs_root, workdir, 2), "espcn")
+    logged = capfd.readouterr().err
+    # x2 took longest last time: this process trains it, x4 goes to the spawned one.
+    assert re.search(r"espcn x4: training in process \d+ beside its other scales", logged), logged[-3000:]
+    assert not re.search(r"espcn x2: training in process", logged)
+    assert json.loads(record.read_text()) == summary and summary["scales"]["x2"]["seconds"] < 157.0
+
+
 def test_a_failure_in_the_spawned_process_fails_the_stage_naming_its_scale(pairs_root: Path, workdir: Path) -> None:
     params = two_scale_params(pairs_root, workdir, 2, x2={"model_options": {"no_such_option": 1}})
+    old = workdir / "metrics" / "train" / "espcn.json"
+    old.parent.mkdir(parents=True)
+    old.write_text('{"model": "espcn", "scales": {"x2": {"seconds": 1.0}, "x4": {"seconds": 2.0}}}')  # a past run's
     with pytest.raises(StageFailed, match=r"espcn x2: .*no_such_option"):
         train_stage(params, "espcn")
     assert multiprocessing.active_children() == []

@@ -338,10 +338,15 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
 
     ctx = dist.init(first.device if first is not None else "auto")
     at_once = scale_concurrency(first, len(scales), distributed=ctx.distributed) if first is not None else 1
+    # The last run's record (dvc.yaml keeps it: persist) orders the shares, then goes: a failed run
+    # leaves no summary that is not its own.
+    last_seconds = previous_seconds(metrics_file)
+    if ctx.is_main:
+        metrics_file.unlink(missing_ok=True)
     results: dict[str, Any] = {}
     if at_once > 1:
         results = _train_scales_at_once(params, model, scales, at_once, profile=profile,
-                                        shares=process_shares(scales, at_once, previous_seconds(metrics_file)))
+                                        shares=process_shares(scales, at_once, last_seconds))
     else:
         for scale in scales:
             config = TrainConfig.from_params(params, model, scale, profile=profile)
