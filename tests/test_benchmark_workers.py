@@ -3,11 +3,13 @@ process gives on one torch thread; only the CPU latency, timed afterwards, is a 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from test_evaluate import _image
 
@@ -69,16 +71,12 @@ class _Timed(torch.nn.Module):
         self.seconds, self.calls = seconds, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import time
-
         self.calls += 1
         time.sleep(self.seconds)
         return x
 
 
 def test_latency_times_three_passes_after_a_warm_up_fewer_when_each_is_slow() -> None:
-    import pytest
-
     from medsr.benchmark import cpu_latency_ms
 
     fast = _Timed(0.0)

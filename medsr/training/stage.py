@@ -329,8 +329,13 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
     first = TrainConfig.from_params(params, model, scales[0], profile=profile) if scales else None
     nproc = first.nproc if first is not None else 1
     metrics_file = METRICS_DIR / "train" / f"{model}.json"
+    # The last run's record (dvc.yaml keeps it: persist) orders the shares; it goes before any training, so a
+    # failed run cannot pass off an older summary as its own. Under torchrun the launching process did both.
+    last_seconds: dict[int, float] = {}
+    if not dist.launched():
+        last_seconds = previous_seconds(metrics_file)
+        metrics_file.unlink(missing_ok=True)
     if nproc > 1 and not dist.launched():
-        metrics_file.unlink(missing_ok=True)  # so a failed job cannot pass off an older summary as its own
         status = launch.launch(params, model, nproc, profile=profile)
         if status != 0 or not metrics_file.is_file():
             raise StageFailed(f"torchrun with {nproc} ranks exited with status {status}; see the ranks' output above")
@@ -338,11 +343,6 @@ def train_stage(params: dict[str, Any], model: str, *, profile: str | None = Non
 
     ctx = dist.init(first.device if first is not None else "auto")
     at_once = scale_concurrency(first, len(scales), distributed=ctx.distributed) if first is not None else 1
-    # The last run's record (dvc.yaml keeps it: persist) orders the shares, then goes: a failed run
-    # leaves no summary that is not its own.
-    last_seconds = previous_seconds(metrics_file)
-    if ctx.is_main:
-        metrics_file.unlink(missing_ok=True)
     results: dict[str, Any] = {}
     if at_once > 1:
         results = _train_scales_at_once(params, model, scales, at_once, profile=profile,
