@@ -73,6 +73,7 @@ from serving.metrics import (
     server_timing,
 )
 from serving.packaging import load_bentoml_generator
+from serving.protocol_errors import json_bad_request
 from serving.schemas import AVAILABLE_SCALES, LIMITS, ArrayImage, ArrayResult
 from serving.shutdown import bound_shutdown
 from serving.threads import ThreadBudget
@@ -85,6 +86,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLogFilter())
 bound_path_labels()
 scrub_pydicom_warnings()
+json_bad_request()
 
 CONFIG = load_config()
 SERVING = CONFIG.serving

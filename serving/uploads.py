@@ -12,6 +12,7 @@ the score), ``consistency``, ``encode`` (values back to stored units and the cod
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -161,12 +162,15 @@ def _check_dicom_pixel_data(path: Path) -> None:
 
 
 def read_upload(path: Path, *, scale: int, max_output_pixels: int, modality: str | None = None,
-                name_hint: str = "", timer: PhaseTimer | None = None) -> tuple[str, list[Any], str]:
+                name_hint: str = "", timer: PhaseTimer | None = None,
+                dicom_frame: int | None = None) -> tuple[str, list[Any], str]:
     """Load an uploaded file as contract images: ``(file_format, images, modality)``.
 
     The format comes from the content (magic numbers), not the name. NIfTI volumes give every
-    slice; multi-frame DICOM/TIFF give every frame (the caller picks one). The loader refuses
-    a file whose output at ``scale`` would exceed ``max_output_pixels`` before decoding it.
+    slice; multi-frame TIFF give every page and DICOM every frame (the caller picks one), or
+    only frame ``dicom_frame`` of a DICOM: the others are not decoded, nor counted against the
+    size limit. The loader refuses a file whose output at ``scale`` would exceed
+    ``max_output_pixels`` before decoding it.
 
     Raises:
         InputError: for anything wrong with the file.
@@ -190,6 +194,8 @@ def read_upload(path: Path, *, scale: int, max_output_pixels: int, modality: str
     max_pixels = max(1, max_output_pixels // (scale * scale))
     loader: Callable[..., list[Any]] = {"dicom": load_dicom, "nifti": load_nifti, "nifti-gz": load_nifti}.get(
         kind, load_raster)
+    if kind == "dicom" and dicom_frame is not None:
+        loader = functools.partial(load_dicom, frame=dicom_frame)
     with timer.phase("decode"), tempfile.TemporaryDirectory(prefix="medsr-upload-") as tmp:
         # A neutral name: the loaders pick NIfTI by extension, and MedImage.source keeps no user file name.
         link = Path(tmp) / _UPLOAD_NAMES[kind]
@@ -227,7 +233,8 @@ def select_frame(images: list[Any], file_format: str, frame: int | None) -> list
             raise InputError("unprocessable", "frame does not apply to NIfTI volumes (every slice is upscaled)",
                              "leave `frame` out for NIfTI uploads")
         return images
-    count = len(images)
+    # A DICOM read one frame at a time (read_upload's dicom_frame) says how many its file holds.
+    count = int(images[0].extra.get("frames_in_file", len(images))) if file_format == "dicom" else len(images)
     if frame is None:
         if count > 1:
             raise InputError("unprocessable", f"multi-frame file: it holds {count} frames where a single frame was "
@@ -236,7 +243,7 @@ def select_frame(images: list[Any], file_format: str, frame: int | None) -> list
     if not 0 <= frame < count:
         raise InputError("unprocessable", f"frame {frame} out of range: the file holds {count} frame(s)",
                          f"pass `frame` between 0 and {count - 1}")
-    return [images[frame]]
+    return [images[frame]] if len(images) == count else [image for image in images if (image.frame or 0) == frame]
 
 
 _SCORER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medsr-score")
@@ -275,8 +282,10 @@ def upscale_file(path: Path, generator: LoadedGenerator, upscaler: Upscaler, *, 
 
     timer = timer or PhaseTimer()
     scale = generator.scale
+    # One DICOM frame is decoded: the one asked for, or the first, which tells whether the file has more.
     file_format, images, chosen_modality = read_upload(path, scale=scale, max_output_pixels=max_output_pixels,
-                                                       modality=modality, name_hint=name_hint, timer=timer)
+                                                       modality=modality, name_hint=name_hint, timer=timer,
+                                                       dicom_frame=0 if frame is None else frame)
     chosen = select_frame(images, file_format, frame)
     total = sum(output_pixels(*image.pixels.shape[1:], scale) for image in chosen)
     if total > max_output_pixels:

@@ -102,7 +102,10 @@ def _perturbed(architecture: str, scale: int = 4, strength: float = 0.3) -> torc
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_tiled_equals_whole_image_for_every_architecture(architecture: str) -> None:
-    module = _perturbed(architecture)
+    # Perturbed enough to make every weight matter, not so much that the output saturates: at 0.3,
+    # 93-100% of the pixels sat at 0 or 1, which hides a short margin there, and BliMSR's few
+    # pixels on the edge flipped 0 <-> 1 on a rounding difference (AVX2 vs AVX-512 kernels).
+    module = _perturbed(architecture, strength=0.05)
     radius = receptive_radius(module)
     tile = 12
     # Several tiles along both axes, odd sizes, a last tile shorter than the others.

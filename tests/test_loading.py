@@ -475,6 +475,25 @@ def test_max_pixels_counts_all_frames() -> None:
         load_dicom(path, "mri", max_pixels=10 * 64 * 64 - 1)
 
 
+def test_one_frame_is_decoded_and_counted_alone() -> None:
+    """``frame`` decodes that frame only: the size guard counts its pixels, not the file's (a
+    120-frame cine is as cheap as one frame), its pixels and index are the full load's, and an
+    index outside the file is refused by name."""
+    path = store_file("color3d_jpeg_baseline.dcm")  # 120 frames of colour ultrasound, 480 x 640
+    every = load_dicom(path, "xray")
+    rows, columns = every[0].pixels.shape[1:]
+    with pytest.raises(LoadError, match="image too large"):
+        load_dicom(path, "xray", max_pixels=rows * columns)
+    [one] = load_dicom(path, "xray", frame=57, max_pixels=rows * columns)
+    assert one.frame == 57 and one.extra["frames_in_file"] == 120 == len(every)
+    assert np.array_equal(one.pixels, every[57].pixels) and one.window == every[57].window
+    with pytest.raises(LoadError) as caught:
+        load_dicom(path, "xray", frame=120)
+    assert caught.value.reason == L.REASON_FRAME_OUT_OF_RANGE and "between 0 and 119" in caught.value.fix
+    [single] = load_dicom(pydicom_file("CT_small.dcm"), "ct", frame=0)
+    assert single.frame is None
+
+
 def test_invalid_arguments_and_missing_file(tmp_path: Path) -> None:
     path = pydicom_file("CT_small.dcm")
     for kwargs in ({"modality": "pet"}, {"modality": "ct", "slice_step": 0},

@@ -798,6 +798,32 @@ def test_busy_worker_answers_429_with_the_expected_wait(service: ServiceProcess,
     assert statuses.count(200) >= computing and set(statuses) <= {200, 429}, statuses
 
 
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` as is and read the whole answer (the server closes the connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /info HTTP/1.1 extra\r\nHost: x\r\n\r\n",                        # bad request line
+    b"GET /info HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",           # header without a colon
+    b"POST /upscale_array HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # bad chunk size
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32) + b"\r\n\r\n",  # TLS to the plain port
+], ids=["request-line", "header", "chunked", "tls"])
+def test_malformed_http_gets_the_json_error_format(service: ServiceProcess, request_bytes: bytes) -> None:
+    """What uvicorn's parser refuses, before any app code runs, is a 400 in the one JSON format."""
+    head, _, body = _raw_exchange(service.port, request_bytes).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"content-type: application/json" in head.lower(), head
+    payload = json.loads(body)
+    assert payload["status"] == 400 and payload["error"].startswith("malformed HTTP request") and payload["fix"]
+    assert httpx.get(f"{service.url}/livez", timeout=10).status_code == 200
+
+
 def _trickle(port: int, body: bytes, seconds: float, boundary: str) -> int:
     """Send ``body`` in 20 pieces over ``seconds``; the response's status."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:

@@ -260,3 +260,20 @@ def test_one_dicom_modality_table_for_uploads_and_evaluate(tmp_path: Path, code:
             guess_modality(path, None)
     else:
         assert guess_modality(path, None) == evaluate_modality
+
+
+def test_one_frame_of_a_long_cine_is_upscaled_within_the_size_limit(bicubic_x4: LoadedGenerator) -> None:
+    """A 120-frame colour ultrasound at x4 (120 x 1920 x 2560 output pixels, 9x the limit) with one
+    `frame` asked for: that frame is decoded, checked against the limit and upscaled; with no
+    `frame` the answer says how many frames there are, not that the file is too large."""
+    path = sample_file("pydicom-data", "color3d_jpeg_baseline.dcm")
+    limit = 8192 * 8192  # serving.max_output_pixels
+    upscaler = Upscaler(bicubic_x4.module, 4, tiling=Tiling(tile=128), device="cpu", score_blur_sigma=0.6)
+    result = upscale_file(path, bicubic_x4, upscaler, max_output_pixels=limit, frame=57)
+    assert (result.frames, result.input_size, result.output_size) == (1, (480, 640), (1920, 2560))
+    with pytest.raises(InputError) as caught:
+        upscale_file(path, bicubic_x4, upscaler, max_output_pixels=limit)
+    assert INPUT_ERROR_STATUS[caught.value.kind] == 422 and "120 frames" in caught.value.error
+    with pytest.raises(InputError) as caught:
+        upscale_file(path, bicubic_x4, upscaler, max_output_pixels=limit, frame=120)
+    assert INPUT_ERROR_STATUS[caught.value.kind] == 422 and "0 and 119" in caught.value.fix

@@ -81,6 +81,7 @@ REASON_UNREADABLE_NIFTI = "unreadable NIfTI"
 REASON_UNREADABLE_IMAGE = "unreadable image"
 REASON_OUTSIDE_ROOT = "file outside root"
 REASON_INVALID_ARGUMENT = "invalid argument"
+REASON_FRAME_OUT_OF_RANGE = "frame out of range"
 
 # Robust percentile window, in percent.
 PERCENTILE_LOW = 0.5
@@ -371,8 +372,14 @@ def load_dicom(
     max_pixels: int = 100_000_000,
     slice_step: int = 1,
     min_foreground_fraction: float = 0.0,
+    frame: int | None = None,
 ) -> list[MedImage]:
     """Load a DICOM file: one image per frame kept (``frame`` = index in the file).
+
+    ``frame`` (an index in the file) decodes that frame alone: the others are neither decoded
+    nor counted against ``max_pixels`` (a 120-frame cine is as cheap as one frame), and a
+    percentile window is that frame's own. ``extra["frames_in_file"]`` still gives the count;
+    an index outside the file raises :class:`LoadError` (``REASON_FRAME_OUT_OF_RANGE``).
 
     Modality LUT then VOI (VOI LUT Sequence, else Window Center/Width, else robust percentiles;
     window semantics of DICOM PS3.3 C.11.2.1.2, as pydicom's ``apply_voi_lut``), MONOCHROME1
@@ -389,12 +396,16 @@ def load_dicom(
     path = Path(path)
     _check_request(path, modality, max_pixels, slice_step, min_foreground_fraction)
     source = _source_name(path, root)
+    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int)):
+        raise LoadError(path, REASON_INVALID_ARGUMENT, "pass frame as an int index, or None for every frame",
+                        detail=f"frame={frame!r}")
     return _guarded(path, "DICOM", lambda: _load_dicom(path, modality, source, patient_ids, max_pixels,
-                                                        slice_step, min_foreground_fraction))
+                                                        slice_step, min_foreground_fraction, frame))
 
 
 def _load_dicom(path: Path, modality: str, source: str, patient_ids: Mapping[str, str] | None,
-                max_pixels: int, slice_step: int, min_foreground_fraction: float) -> list[MedImage]:
+                max_pixels: int, slice_step: int, min_foreground_fraction: float,
+                frame: int | None = None) -> list[MedImage]:
     ds, cut_short = _read_dicom_dataset(path)
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         if cut_short or _claims_to_be_image(ds):
@@ -407,13 +418,17 @@ def _load_dicom(path: Path, modality: str, source: str, patient_ids: Mapping[str
     if rows < 1 or columns < 1 or n_frames < 1:
         raise LoadError(path, REASON_CORRUPT_DICOM, "download or export the file again",
                         detail=f"invalid geometry Rows={rows} Columns={columns} NumberOfFrames={n_frames}")
-    _check_size(path, rows * columns * n_frames, max_pixels, (n_frames, rows, columns))
+    if frame is not None and not 0 <= frame < n_frames:
+        raise LoadError(path, REASON_FRAME_OUT_OF_RANGE, f"pass frame between 0 and {n_frames - 1}",
+                        detail=f"frame {frame} of a file holding {n_frames} frame(s)")
+    file_index = range(n_frames) if frame is None else [frame]  # the file's index of each decoded frame
+    _check_size(path, rows * columns * len(file_index), max_pixels, (len(file_index), rows, columns))
 
     transfer_syntax = _transfer_syntax(path, ds)
-    stored = _decode_dicom(path, ds, transfer_syntax)
-    if n_frames == 1:
+    stored = _decode_dicom(path, ds, transfer_syntax, None if frame is None or n_frames == 1 else frame)
+    if n_frames == 1 or frame is not None:
         stored = stored[None]
-    if stored.shape[:3] != (n_frames, rows, columns):
+    if stored.shape[:3] != (len(file_index), rows, columns):
         raise LoadError(path, REASON_CORRUPT_DICOM, "download or export the file again",
                         detail=f"decoded shape {stored.shape} does not match the header")
 
@@ -424,9 +439,9 @@ def _load_dicom(path: Path, modality: str, source: str, patient_ids: Mapping[str
     }
     original_dtype = stored.dtype.name
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        frames = _dicom_monochrome_frames(path, ds, stored, photometric, slice_step)
+        frames = _dicom_monochrome_frames(path, ds, stored, file_index, photometric, slice_step)
     else:
-        frames = _dicom_colour_frames(path, ds, stored, photometric, slice_step)
+        frames = _dicom_colour_frames(path, ds, stored, file_index, photometric, slice_step)
 
     identity = (str(ds.get("PatientID", "") or "").strip() or str(ds.get("StudyInstanceUID", "") or "").strip()
                 or source)
@@ -543,11 +558,16 @@ def _plugin_advice(uid: Any) -> str:
     return f"install a decoder that supports it (`pip install python-gdcm` covers the most), {_CONVERT_HINT}"
 
 
-def _decode_dicom(path: Path, ds: Any, transfer_syntax: Any) -> np.ndarray:
+def _decode_dicom(path: Path, ds: Any, transfer_syntax: Any, index: int | None = None) -> np.ndarray:
+    """Every frame of ``ds`` (pydicom's shape: no frame axis for one frame), or frame ``index`` alone."""
+    from pydicom.pixels import pixel_array
+
     try:
         with warnings.catch_warnings():
             # pydicom warns on recoverable quirks (odd padding); hard failures raise below.
             warnings.simplefilter("ignore")
+            if index is not None:
+                return np.asarray(pixel_array(ds, index=index))
             return np.asarray(ds.pixel_array)
     except NotImplementedError as err:
         raise LoadError(path, REASON_UNSUPPORTED_SYNTAX, _plugin_advice(transfer_syntax),
@@ -602,13 +622,14 @@ def _dicom_spacing(view: Any) -> tuple[float, float] | None:
 FrameResult = tuple[int, np.ndarray, Window, tuple[float, float] | None, dict[str, Any]]
 
 
-def _dicom_monochrome_frames(path: Path, ds: Any, stored: np.ndarray, photometric: str,
+def _dicom_monochrome_frames(path: Path, ds: Any, stored: np.ndarray, file_index: Sequence[int], photometric: str,
                              slice_step: int) -> Iterator[FrameResult]:
+    """Frames of ``stored`` (row ``i`` is the file's frame ``file_index[i]``), every ``slice_step``-th."""
     from pydicom.pixels import apply_modality_lut
 
     n_frames = stored.shape[0]
     inverted = photometric == "MONOCHROME1"
-    views = [_frame_view(ds, index) for index in range(n_frames)]
+    views = [_frame_view(ds, index) for index in file_index]
 
     def units(index: int) -> np.ndarray:
         return np.asarray(apply_modality_lut(stored[index], views[index]), dtype=np.float64)
@@ -642,7 +663,7 @@ def _dicom_monochrome_frames(path: Path, ds: Any, stored: np.ndarray, photometri
             else:
                 low, high = percentile_window()
                 window = Window(low=low, high=high, method="percentile", inverted=inverted)
-        yield index, values, window, _dicom_spacing(views[index]), extra
+        yield file_index[index], values, window, _dicom_spacing(views[index]), extra
 
 
 def _dicom_voi_window(view: Any, extra: dict[str, Any]) -> tuple[float, float, str, bool] | None:
@@ -692,7 +713,7 @@ def _dicom_voi_window(view: Any, extra: dict[str, Any]) -> tuple[float, float, s
     return None
 
 
-def _dicom_colour_frames(path: Path, ds: Any, stored: np.ndarray, photometric: str,
+def _dicom_colour_frames(path: Path, ds: Any, stored: np.ndarray, file_index: Sequence[int], photometric: str,
                          slice_step: int) -> Iterator[FrameResult]:
     from pydicom.pixels import apply_color_lut
 
@@ -717,7 +738,7 @@ def _dicom_colour_frames(path: Path, ds: Any, stored: np.ndarray, photometric: s
             window = Window(low=float(values.flat[0]), high=float(values.flat[0]), method="dtype_range")
         else:
             window = Window(low=0.0, high=levels, method="dtype_range")
-        yield index, values, window, spacing, {"converted": f"{photometric} to grayscale (ITU-R 601-2 luma)",
+        yield file_index[index], values, window, spacing, {"converted": f"{photometric} to grayscale (ITU-R 601-2 luma)",
                                                "converted_as": converted_label(photometric), "colour_bits": bits}
 
 
