@@ -243,7 +243,8 @@ def select_frame(images: list[Any], file_format: str, frame: int | None) -> list
     if not 0 <= frame < count:
         raise InputError("unprocessable", f"frame {frame} out of range: the file holds {count} frame(s)",
                          f"pass `frame` between 0 and {count - 1}")
-    return [images[frame]] if len(images) == count else [image for image in images if (image.frame or 0) == frame]
+    # Fewer images than the file holds: the loader decoded the asked-for frame alone.
+    return [images[frame]] if len(images) == count else images
 
 
 _SCORER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="medsr-score")
