@@ -17,11 +17,12 @@ import pytest
 from PIL import Image
 
 from medsr.data.ingest import TABLE_NAME, IngestOptions, ingest
-from medsr.data.pairing import build_pair_sets
+from medsr.data.pairing import PairSource, build_pair_sets, check_downscales, training_tiles
 from medsr.data.pairs import PairSet, TileSet
-from medsr.data.shards import read_stored, read_tile, tile_digest
+from medsr.data.shards import read_ref, read_stored, read_tile, tile_digest
 from medsr.data.split import find_leaks, leaked_patients, split_table
 from medsr.data.validation import validate_table
+from medsr.degradations import resize_bicubic
 from medsr.params import load_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +149,31 @@ def test_split_and_degrade_on_the_sample(sample_interim: Path, tmp_path: Path) -
     lr, hr = pairs.patch(0, 8, np.random.default_rng(0))
     assert lr.shape == (1, 8, 8) and hr.shape == (1, 32, 32)
     tiles = TileSet(tmp_path / "a" / "train" / "hr")
-    assert len(tiles) == int((small["split"] == "train").sum()) and tiles.attrs["recipe"]["blind"] == PARAMS["degrade"]["blind"]
+    stored = [p for p in tiles.pairs if "@" not in p["id"]]
+    assert len(stored) == int((small["split"] == "train").sum()) and tiles.attrs["recipe"]["blind"] == PARAMS["degrade"]["blind"]
+    assert tiles.attrs["downscales"] == PARAMS["degrade"]["train_downscales"]
+
+    # Every training tile is also stored at each downscale: antialiased bicubic of the tile, next to it.
+    train = small[small["split"] == "train"].sort_values("id")
+    sources = [PairSource.of_row(sample_interim, row) for row in train.itertuples()]
+    expected = list(training_tiles(sources, PARAMS["degrade"]["train_downscales"]))
+    assert [p["id"] for p in tiles.pairs] == [tile_id for tile_id, _, _ in expected]
+    for index, (tile_id, modality, hr) in enumerate(expected):
+        if "@" not in tile_id:
+            original = read_ref(hr)
+            continue
+        factor = float(tile_id.split("@")[1])
+        size = (round(original.shape[1] * factor), round(original.shape[2] * factor))
+        assert tiles.pairs[index]["modality"] == modality and tiles.pairs[index]["hr_shape"] == list(size)
+        np.testing.assert_array_equal(tiles.hr(index), resize_bicubic(original, size, antialias=True))
+    assert len(tiles) > len(stored)
+
+
+def test_downscales_must_be_fractions_of_a_tile() -> None:
+    assert check_downscales([0.5, 0.25]) == [0.5, 0.25] and check_downscales([]) == []
+    for bad in (1.0, 0, -0.5, 2, "0.5", True):
+        with pytest.raises(ValueError, match="train_downscales"):
+            check_downscales([bad])
 
 
 @pytest.mark.slow
