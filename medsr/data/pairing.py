@@ -2,7 +2,8 @@
 degrade stage writes, and the training kinds degraded patch by patch while training draws them.
 
 Written (``data/pairs``): ``train/hr``, the training tiles and their downscaled copies
-(:func:`training_tiles`; HR only, with the training recipe, :func:`training_recipe`, in their attributes), and on val and test the two evaluation tracks,
+(:func:`training_tiles`; HR only, with the training recipe, :func:`training_recipe`, in their
+attributes), and on val and test the two evaluation tracks,
 ``<split>/x<scale>/clean`` (antialiased bicubic only) and ``.../realistic`` (blur
 ``degrade.blur_sigma`` + the modality's noise level). A model that wins one track by losing the
 other is not better, so both are always written. A track pair's randomness comes from
@@ -299,8 +300,9 @@ def build_pair_sets(table: pd.DataFrame, interim_dir: Path, out_root: Path, para
     jobs = [(split, int(scale), kind) for split in SPLITS for scale in params["scales"] for kind in kinds_for(split, params)]
     sources = {split: [PairSource.of_row(interim_dir, row) for row in table[table["split"] == split].sort_values("id").itertuples()]
                for split in SPLITS}
-    # Every HR written is a stored tile of data/interim (cropped to a multiple of the scale for a
-    # pair), referenced in its shard, which each set links: no HR is written twice.
+    # Every stored tile's HR (cropped to a multiple of the scale for a pair) is referenced in its
+    # shard of data/interim, which each set links: no HR is written twice. The downscaled copies are
+    # the only HR written (train/hr/hr.npy).
     downscales = check_downscales(params.get("train_downscales", []))
     counts["train"] = {TRAIN_TILES: {"tiles": write_tiles(out_root / "train" / TRAIN_TILES,
                                                           training_tiles(sources["train"], downscales),
