@@ -2,13 +2,12 @@
 aliases (medsr.registry.register_stage)."""
 
 import logging
-import sys
 from typing import Any
 
 from mlflow.exceptions import MlflowException
 
 from medsr.registry import RegistryError, register_stage
-from medsr.stage_entry import run_stage
+from medsr.stage_entry import exit_stage, run_stage
 
 
 def _report(record: dict[str, Any]) -> str:
@@ -19,4 +18,4 @@ if __name__ == "__main__":
     # MLflow's INFO lines (database migrations, artifact downloads) would bury the decisions.
     for noisy in ("mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    sys.exit(run_stage("register", register_stage, _report, errors=(RegistryError, MlflowException)))
+    exit_stage(run_stage("register", register_stage, _report, errors=(RegistryError, MlflowException)))

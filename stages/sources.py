@@ -2,10 +2,9 @@
 data/local-sources.json, so that `download` reruns exactly when such a folder's images changed
 (medsr.data.sources.local.sources_stage). Without a local source it only records the kinds."""
 
-import sys
 
 from medsr.data.sources.local import FINGERPRINT_PATH, sources_stage
-from medsr.stage_entry import run_stage
+from medsr.stage_entry import exit_stage, run_stage
 
 if __name__ == "__main__":
-    sys.exit(run_stage("sources", sources_stage, lambda _s: f"sources: written {FINGERPRINT_PATH}"))
+    exit_stage(run_stage("sources", sources_stage, lambda _s: f"sources: written {FINGERPRINT_PATH}"))

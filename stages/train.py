@@ -2,10 +2,9 @@
 models/<model> (medsr.training.stage.train_stage). Usage: python stages/train.py MODEL"""
 
 import argparse
-import sys
 from typing import Any
 
-from medsr.stage_entry import run_stage
+from medsr.stage_entry import exit_stage, run_stage
 from medsr.training.stage import train_stage
 
 
@@ -20,4 +19,4 @@ if __name__ == "__main__":
     # Not argparse choices: an unknown name gets train_stage's one-line refusal, as `medsr train` gives.
     parser.add_argument("model", help="a trained model's name (params.yaml `models` lists what DVC trains)")
     args = parser.parse_args()
-    sys.exit(run_stage("train", lambda params: train_stage(params, args.model), _report))
+    exit_stage(run_stage("train", lambda params: train_stage(params, args.model), _report))

@@ -89,3 +89,31 @@ def test_latency_times_three_passes_after_a_warm_up_fewer_when_each_is_slow() ->
     assert cpu_latency_ms(slowest, side=8, budget_s=0.5) >= 600.0 and slowest.calls == 1 + 1
     with pytest.raises(ValueError, match="repeats must be at least 1"):
         cpu_latency_ms(fast, side=8, repeats=0)
+
+
+def test_networks_are_scored_in_the_layout_training_validated_them_in() -> None:
+    """model_outputs and cpu_latency_ms put the weights channels-last (the trainer's layout) and
+    change no output beyond float rounding."""
+    from torch import nn
+
+    from medsr.benchmark import SCORING_MEMORY_FORMAT, cpu_latency_ms, model_outputs
+    from medsr.consistency import ConsistencySettings
+    from medsr.inference import predict_image
+    from medsr.models import build_generator
+    from medsr.training.trainer import TRAINING_MEMORY_FORMAT
+
+    def layouts(module: nn.Module) -> set[bool]:
+        return {m.weight.is_contiguous(memory_format=torch.channels_last)
+                for m in module.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1 and m.kernel_size[0] > 1}
+
+    assert SCORING_MEMORY_FORMAT == TRAINING_MEMORY_FORMAT
+    generator = build_generator("srgan", 2, n_feats=8, n_blocks=1).eval()
+    assert layouts(generator) == {False}
+    lr = np.random.default_rng(0).random((1, 12, 12), dtype=np.float32)
+    contiguous = predict_image(generator, lr)
+    outputs = model_outputs(generator, "srgan", 2, ConsistencySettings(steps=0))(lr)
+    assert layouts(generator) == {True}
+    np.testing.assert_allclose(outputs["srgan"], contiguous, atol=1e-5)
+    other = build_generator("srgan", 2, n_feats=8, n_blocks=1)
+    cpu_latency_ms(other, side=8, repeats=1)
+    assert layouts(other) == {True}
