@@ -39,7 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCALE = 4
 # The GANs benchmarked, each through its sample-profile warm-up (``budgets``) and then ADVERSARIAL_STEPS
-# steps validated every VAL_EVERY (the adversarial checkpoint is picked among those validations). BliMSR is
+# steps, validated every VAL_EVERY steps in both phases (the adversarial checkpoint is picked among the
+# adversarial phase's validations, the warm-up checkpoint among the warm-up's). BliMSR is
 # left out: its sample warm-up does not beat bicubic (docs/history.md), so there is no warm-up to improve on.
 GANS: tuple[str, ...] = ("srgan", "swift_srgan", "brainsr")
 ADVERSARIAL_STEPS = 160
